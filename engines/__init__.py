@@ -1,0 +1,34 @@
+"""Runtimes behind one small interface (``engines.base.Engine``); they know tensors, not tokenizers."""
+
+from __future__ import annotations
+
+import logging
+
+from .artifact import Artifact, ArtifactError
+from .base import Engine, EngineError, GraphSpec
+
+__all__ = ["Artifact", "ArtifactError", "Engine", "EngineError", "GraphSpec", "open_engine", "BACKENDS"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
+
+
+def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
+    """The engine for ``artifact``. ``auto``: TensorRT when the artifact holds a plan this machine can run,
+    else ONNX Runtime on CUDA when available, else on CPU. The reason for each fallback is logged."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend in ("auto", "tensorrt"):
+        from . import tensorrt
+
+        usable, why = tensorrt.plan_usable(artifact)
+        if usable:
+            return tensorrt.TensorRTEngine(artifact)
+        if backend == "tensorrt":
+            raise EngineError(f"backend 'tensorrt': {why}")
+        log.info("not using TensorRT: %s", why)
+    from .onnxruntime import OnnxRuntimeEngine
+
+    device = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda"}.get(backend, "auto")
+    return OnnxRuntimeEngine(artifact.path(artifact.manifest["onnx"]["file"]), artifact.spec, device=device)

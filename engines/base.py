@@ -1,0 +1,112 @@
+"""The one interface every runtime implements, and the graph IO spec that an artifact's manifest declares.
+
+An engine runs the exported decoder step. It knows tensors, not tokens:
+
+    state = engine.allocate(batch)                    # zeroed static KV caches on the engine's device
+    logits = engine.step(state, input_ids, write_indices, logits_indices)   # caches advanced in place
+
+``input_ids [batch, seq]`` int64 are the new tokens of every row (right-padded), ``write_indices [batch]`` the
+position of each row's first new token, ``logits_indices [batch]`` which of the new tokens each row wants logits
+for. ``logits`` come back as a float32 numpy array ``[batch, vocab]``. Rows are independent: each row's logits
+equal running that row alone. Every row needs ``write_indices[b] + seq <= max_context``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import numpy as np
+
+INPUT_IDS, WRITE_INDICES, LOGITS_INDICES, LOGITS = "input_ids", "write_indices", "logits_indices", "logits"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_{layer}", f"past_value_{layer}"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present_key_{layer}", f"present_value_{layer}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    """What the exported graph takes and gives; written to and read from the manifest's ``graph`` section."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_batch: int
+    max_context: int
+    dtype: str  # "float16" | "float32": weights, activations and caches; logits are always float32
+
+    @property
+    def cache_shape_per_row(self) -> tuple[int, int, int]:
+        return self.num_kv_heads, self.max_context, self.head_dim
+
+    def io(self) -> dict:
+        """Names, shapes (symbolic dims as strings) and dtypes of every input and output, for the manifest."""
+        cache = ["batch", self.num_kv_heads, self.max_context, self.head_dim]
+        inputs = {INPUT_IDS: (["batch", "seq"], "int64"), WRITE_INDICES: (["batch"], "int64"),
+                  LOGITS_INDICES: (["batch"], "int64")}
+        outputs = {LOGITS: (["batch", self.vocab_size], "float32")}
+        for layer in range(self.num_layers):
+            for name in past_names(layer):
+                inputs[name] = (cache, self.dtype)
+            for name in present_names(layer):
+                outputs[name] = (cache, self.dtype)
+        as_dict = lambda d: {k: {"shape": s, "dtype": t} for k, (s, t) in d.items()}  # noqa: E731
+        return {"inputs": as_dict(inputs), "outputs": as_dict(outputs)}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "GraphSpec":
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+
+
+class EngineError(RuntimeError):
+    """An engine cannot load or run the artifact; the message says what to do."""
+
+
+class Engine(abc.ABC):
+    """A runtime for one exported decoder graph."""
+
+    spec: GraphSpec
+    backend: str  # what actually runs, e.g. "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"
+
+    @abc.abstractmethod
+    def allocate(self, batch: int):
+        """A zeroed KV-cache state for ``batch`` rows, living on the engine's device."""
+
+    @abc.abstractmethod
+    def step(self, state, input_ids: np.ndarray, write_indices: np.ndarray,
+             logits_indices: np.ndarray) -> np.ndarray:
+        """Run one forward over new tokens; returns float32 logits ``[batch, vocab]``, advances ``state``."""
+
+    @abc.abstractmethod
+    def read_cache(self, state) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Host copies of every layer's (key, value) cache, for parity checks."""
+
+    def check_step(self, state_batch: int, input_ids: np.ndarray, write_indices: np.ndarray,
+                   logits_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate and normalise step inputs to contiguous int64; errors name the argument."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        write_indices = np.ascontiguousarray(write_indices, dtype=np.int64)
+        logits_indices = np.ascontiguousarray(logits_indices, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[0] != state_batch:
+            raise ValueError(f"input_ids has shape {input_ids.shape}; expected [{state_batch}, seq]")
+        seq = input_ids.shape[1]
+        if write_indices.shape != (state_batch,) or logits_indices.shape != (state_batch,):
+            raise ValueError(f"write_indices {write_indices.shape} and logits_indices {logits_indices.shape} "
+                             f"must both have shape ({state_batch},)")
+        if (write_indices < 0).any() or (write_indices + seq > self.spec.max_context).any():
+            raise ValueError(f"write_indices {write_indices.tolist()} + seq {seq} exceed the artifact's "
+                             f"max_context {self.spec.max_context}")
+        if (logits_indices < 0).any() or (logits_indices >= seq).any():
+            raise ValueError(f"logits_indices {logits_indices.tolist()} must lie in [0, {seq})")
+        if (input_ids < 0).any() or (input_ids >= self.spec.vocab_size).any():
+            raise ValueError(f"input_ids hold a token id outside [0, {self.spec.vocab_size})")
+        return input_ids, write_indices, logits_indices

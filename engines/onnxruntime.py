@@ -1,0 +1,91 @@
+"""ONNX Runtime engine: CPU, or the CUDA execution provider when onnxruntime-gpu and a GPU are present.
+
+The KV caches are OrtValues allocated once per ``allocate`` and bound through IO binding as both the ``past_*``
+input and the ``present_*`` output of every step. ONNX Runtime's TensorScatter kernel sees the same buffer on
+both sides and skips its copy of the whole cache, so a decode step writes one slot per layer instead of copying
+``max_context`` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .base import (INPUT_IDS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec, past_names,
+                   present_names)
+
+log = logging.getLogger(__name__)
+
+NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@dataclasses.dataclass
+class OrtCacheState:
+    batch: int
+    caches: list[tuple[ort.OrtValue, ort.OrtValue]]  # per layer (key, value), on the engine's device
+
+
+class OnnxRuntimeEngine(Engine):
+    def __init__(self, onnx_path: Path, spec: GraphSpec, device: str = "auto", threads: int | None = None):
+        """``device``: "cpu", "cuda" or "auto" (CUDA when the CUDA execution provider is available)."""
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        if device == "cuda" and not cuda_available():
+            raise EngineError("device='cuda' needs onnxruntime-gpu and a CUDA GPU; available providers: "
+                              + ", ".join(ort.get_available_providers()))
+        self.spec, self.device = spec, device
+        self.backend = f"onnxruntime-{device}"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Default: one intra-op thread per physical core, which is what a GEMV-bound decode step wants.
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = int(os.environ.get("COHERE_DEPLOY_ORT_LOG_LEVEL", 3))
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else [
+            "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile classes
+            raise EngineError(f"{onnx_path}: ONNX Runtime cannot load it: {e}") from None
+        self._np_dtype = NUMPY_DTYPES[spec.dtype]
+
+    def allocate(self, batch: int) -> OrtCacheState:
+        if not 1 <= batch <= self.spec.max_batch:
+            raise ValueError(f"batch {batch} outside [1, max_batch={self.spec.max_batch}] of this artifact")
+        shape = (batch, *self.spec.cache_shape_per_row)
+
+        def zeros() -> ort.OrtValue:
+            if self.device == "cpu":  # ORT wraps the numpy buffer without copying it
+                return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._np_dtype))
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype, "cuda", 0)
+            value.update_inplace(np.zeros(shape, self._np_dtype))
+            return value
+
+        return OrtCacheState(batch, [(zeros(), zeros()) for _ in range(self.spec.num_layers)])
+
+    def step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
+        input_ids, write_indices, logits_indices = self.check_step(state.batch, input_ids, write_indices,
+                                                                   logits_indices)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_IDS, input_ids)
+        binding.bind_cpu_input(WRITE_INDICES, write_indices)
+        binding.bind_cpu_input(LOGITS_INDICES, logits_indices)
+        binding.bind_output(LOGITS, "cpu")  # bound first: get_outputs() follows binding order
+        for layer, caches in enumerate(state.caches):
+            for past, present, value in zip(past_names(layer), present_names(layer), caches):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)  # same buffer: updated in place
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def read_cache(self, state: OrtCacheState) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(k.numpy().copy(), v.numpy().copy()) for k, v in state.caches]

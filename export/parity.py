@@ -1,0 +1,199 @@
+"""Parity of an engine against the reference model, Polygraphy-style: per-output error against a stated tolerance.
+
+The scenario: a batch of prompts of different lengths (right-padded, so rows sit at different positions), one
+prefill, then several decode steps fed the reference's greedy tokens (teacher forcing, so both sides see the same
+inputs); logits and every KV cache are compared after each step. Then each side generates greedily on its own
+and the continuations are compared.
+
+As a command users put in their own CI:
+
+    python -m export.parity build/tiny-float32 [--backend onnxruntime|tensorrt] [--model CHECKPOINT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+import numpy as np
+import torch
+
+from engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    logits_max_abs: float
+    cache_max_abs: float
+    top1_agreement: float  # at least this fraction of compared positions agree on the argmax
+    greedy_must_match: bool
+
+
+# fp32: the graph computes what the reference computes, up to reordered float sums.
+# fp16: weights, activations and caches are rounded to 11 bits; logits stay fp32. The bounds are relative to
+# how large the values are (max |reference|), since fp16 error grows with magnitude.
+TOLERANCES = {
+    "float32": Tolerance(logits_max_abs=1e-4, cache_max_abs=1e-4, top1_agreement=1.0, greedy_must_match=True),
+    "float16": Tolerance(logits_max_abs=2e-2, cache_max_abs=1e-2, top1_agreement=0.9, greedy_must_match=False),
+}
+
+
+@dataclasses.dataclass
+class ErrorStats:
+    max_abs: float = 0.0
+    ref_max_abs: float = 0.0
+
+    def add(self, ours: np.ndarray, ref: np.ndarray) -> None:
+        ours, ref = ours.astype(np.float64), ref.astype(np.float64)
+        self.max_abs = max(self.max_abs, float(np.abs(ours - ref).max()))
+        self.ref_max_abs = max(self.ref_max_abs, float(np.abs(ref).max()))
+
+    @property
+    def max_rel(self) -> float:
+        return self.max_abs / self.ref_max_abs if self.ref_max_abs else 0.0
+
+
+def scenario(vocab_size: int, max_batch: int, max_context: int, seed: int = 0) -> tuple[list[list[int]], int]:
+    """Prompts of different lengths (up to 3 rows) and how many decode steps fit after them."""
+    rng = np.random.default_rng(seed)
+    longest = max(1, min(16, max_context // 4))
+    lengths = [longest, longest // 2 + 1, 1][:max_batch]
+    prompts = [rng.integers(0, vocab_size, n).tolist() for n in lengths]
+    return prompts, max(1, min(8, max_context - longest - 1))
+
+
+def right_pad(prompts: list[list[int]], pad: int = 0) -> np.ndarray:
+    width = max(map(len, prompts))
+    return np.array([p + [pad] * (width - len(p)) for p in prompts], dtype=np.int64)
+
+
+def measure(reference: torch.nn.Module, engine: Engine, seed: int = 0) -> dict:
+    """Run the scenario on both and return the report (dict, JSON-ready) with pass/fail per output."""
+    spec = engine.spec
+    prompts, decode_steps = scenario(spec.vocab_size, spec.max_batch, spec.max_context, seed)
+    batch = len(prompts)
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    logits_err, cache_err, agree, compared = ErrorStats(), ErrorStats(), 0, 0
+
+    ref_caches = reference.new_caches(batch, spec.max_context)
+    state = engine.allocate(batch)
+    input_ids, write_indices, logits_indices = right_pad(prompts), np.zeros(batch, np.int64), lengths - 1
+    for _ in range(1 + decode_steps):
+        with torch.no_grad():
+            ref_logits, ref_caches = reference(torch.from_numpy(input_ids), torch.from_numpy(write_indices),
+                                               torch.from_numpy(logits_indices), ref_caches)
+        ref_logits = ref_logits.numpy()
+        ours = engine.step(state, input_ids, write_indices, logits_indices)
+        logits_err.add(ours, ref_logits)
+        agree += int((ours.argmax(-1) == ref_logits.argmax(-1)).sum())
+        compared += batch
+        valid = write_indices + logits_indices + 1  # slots holding real tokens, per row
+        for (k, v), (rk, rv) in zip(engine.read_cache(state), ref_caches):
+            for b in range(batch):
+                cache_err.add(k[b, :, :valid[b]], rk[b, :, :valid[b]].float().numpy())
+                cache_err.add(v[b, :, :valid[b]], rv[b, :, :valid[b]].float().numpy())
+        input_ids = ref_logits.argmax(-1)[:, None].astype(np.int64)
+        write_indices, logits_indices = valid, np.zeros(batch, np.int64)
+
+    greedy_ref = greedy(lambda *a: _reference_step(reference, *a), reference.new_caches(batch, spec.max_context),
+                        prompts, decode_steps)
+    greedy_ours = greedy(engine.step, engine.allocate(batch), prompts, decode_steps)
+
+    tol = TOLERANCES[spec.dtype]
+    scale_l = logits_err.ref_max_abs if spec.dtype == "float16" else 1.0
+    scale_c = cache_err.ref_max_abs if spec.dtype == "float16" else 1.0
+    rows = [
+        _row("logits", logits_err, tol.logits_max_abs * scale_l),
+        _row("kv_cache", cache_err, tol.cache_max_abs * scale_c),
+    ]
+    top1 = agree / compared
+    rows.append({"output": "top1_agreement", "value": top1, "tolerance": f">= {tol.top1_agreement}",
+                 "passed": top1 >= tol.top1_agreement})
+    same = greedy_ref == greedy_ours
+    rows.append({"output": "greedy_continuation", "value": "equal" if same else "differs",
+                 "tolerance": "equal" if tol.greedy_must_match else "reported", "passed":
+                 same or not tol.greedy_must_match})
+    return {"backend": engine.backend, "dtype": spec.dtype, "reference_dtype": str(reference.dtype).split(".")[-1],
+            "prompt_lengths": lengths.tolist(), "decode_steps": decode_steps, "rows": rows,
+            "greedy_tokens_equal": same, "passed": all(r["passed"] for r in rows)}
+
+
+def _row(name: str, err: ErrorStats, bound: float) -> dict:
+    return {"output": name, "max_abs": err.max_abs, "max_rel": err.max_rel, "tolerance": f"max_abs <= {bound:.3g}",
+            "passed": err.max_abs <= bound}
+
+
+def _reference_step(model, caches, input_ids, write_indices, logits_indices):
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(input_ids), torch.from_numpy(write_indices),
+                          torch.from_numpy(logits_indices), caches)
+    return logits.numpy()
+
+
+def greedy(step, state, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of every prompt, all rows in one batch: ``step(state, ids, write, logits_idx)``."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    logits = step(state, right_pad(prompts), np.zeros(len(prompts), np.int64), lengths - 1)
+    out = [[] for _ in prompts]
+    positions = lengths
+    for i in range(new_tokens):
+        tokens = logits.argmax(-1)
+        for row, t in zip(out, tokens):
+            row.append(int(t))
+        if i + 1 < new_tokens:
+            logits = step(state, tokens[:, None].astype(np.int64), positions, np.zeros(len(prompts), np.int64))
+            positions = positions + 1
+    return out
+
+
+def format_table(report: dict) -> str:
+    lines = [f"parity of {report['backend']} ({report['dtype']}) against the reference ({report['reference_dtype']}); "
+             f"prompts {report['prompt_lengths']}, {report['decode_steps']} decode steps",
+             f"  {'output':<22}{'max_abs':>12}{'max_rel':>12}  {'tolerance':<22}result"]
+    for r in report["rows"]:
+        if "max_abs" in r:
+            lines.append(f"  {r['output']:<22}{r['max_abs']:>12.3e}{r['max_rel']:>12.3e}  {r['tolerance']:<22}"
+                         f"{'PASS' if r['passed'] else 'FAIL'}")
+        else:
+            value = f"{r['value']:.4f}" if isinstance(r["value"], float) else r["value"]
+            lines.append(f"  {r['output']:<22}{value:>12}{'':>12}  {r['tolerance']:<22}"
+                         f"{'PASS' if r['passed'] else 'FAIL'}")
+    lines.append(f"  overall: {'PASS' if report['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engines import BACKENDS, Artifact, ArtifactError, EngineError, open_engine
+    from reference import CheckpointError, ConfigError, ModelNotFoundError, load_model
+
+    parser = argparse.ArgumentParser(
+        prog="python -m export.parity",
+        description="Re-measure an artifact against the reference model on any available backend; prints a "
+                    "per-output error table and exits 1 past the tolerance for the artifact's dtype.")
+    parser.add_argument("artifact", help="artifact folder written by `python -m export`")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="engine to measure (default: auto)")
+    parser.add_argument("--model", help="checkpoint for the reference (default: the artifact's source, as "
+                                        "recorded in its manifest)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt tokens (default: 0)")
+    args = parser.parse_args(argv)
+    from .__main__ import configure_logging
+
+    configure_logging(verbose=False)
+    try:
+        artifact = Artifact.open(args.artifact)
+        engine = open_engine(artifact, args.backend)
+        reference, _ = load_model(args.model or artifact.manifest["source"]["model"], torch.float32)
+        report = measure(reference, engine, args.seed)
+    except (ArtifactError, EngineError, ConfigError, CheckpointError, ModelNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Load HF safetensors checkpoints (one file or shards) into the reference model, one tensor at a time.
+
+The model is built on the ``meta`` device and each parameter is materialised straight from the memory-mapped
+file in the target dtype, so a load never holds two copies of the weights. Pickled checkpoints (``.bin``,
+``.pt``) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import CohereConfig
+from .model import CohereForCausalLM
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder this project refuses, naming the file or tensor at fault."""
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    index, single = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.exists():
+                raise CheckpointError(f"{index} names shard {shard.name}, which is missing from {folder}")
+        return files
+    if single.exists():
+        return {name: single for name in _tensor_names(single)}
+    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise CheckpointError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}); they are refused because unpickling "
+            "runs arbitrary code. Convert them to safetensors first (transformers: "
+            "model.save_pretrained(out, safe_serialization=True)).")
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _tensor_names(path: Path) -> list[str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError for any malformed header
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_weights(model: CohereForCausalLM, folder: Path, dtype: torch.dtype) -> None:
+    """Fill a meta-device ``model`` from the checkpoint in ``folder``, converting each tensor to ``dtype``."""
+    files = checkpoint_files(folder)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    # A tied checkpoint may still carry a copy of lm_head (some exporters write one): ignore it, it is the
+    # embedding. An untied model needs its own.
+    names = set(files) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(n for n in names - set(expected) if not n.endswith("rotary_emb.inv_freq"))
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor(s) {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+                              + " (is config.json from the same checkpoint?)")
+
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for path, tensor_names in by_file.items():
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        with handle as f:
+            for name in tensor_names:
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name]):
+                    raise CheckpointError(f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, the config "
+                                          f"needs {tuple(expected[name])}")
+                _set_parameter(model, name, tensor.to(dtype))
+                del tensor
+
+
+def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+def save_checkpoint(model: CohereForCausalLM, folder: Path) -> None:
+    """Write ``model`` as an HF-format checkpoint folder (config.json + model.safetensors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    hf_config = {"architectures": ["CohereForCausalLM"], "model_type": "cohere",
+                 **{k: v for k, v in c.to_dict().items()}, "hidden_act": "silu",
+                 "torch_dtype": str(model.dtype).removeprefix("torch.")}
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    save_file(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})

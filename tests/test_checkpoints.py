@@ -1,0 +1,182 @@
+"""Config parsing, presets, checkpoint loading and the refusals, each naming what was wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from reference import (PRESETS, CheckpointError, CohereConfig, ConfigError, ModelNotFoundError, load_model,
+                       resolve_checkpoint)
+from tests.conftest import CONFIGS, SHARED, save_hf_checkpoint
+
+BASE = dict(model_type="cohere", vocab_size=256000, hidden_size=8192, intermediate_size=22528,
+            num_hidden_layers=40, num_attention_heads=64, num_key_value_heads=8, logit_scale=0.0625,
+            rope_theta=8000000)
+
+
+def test_both_rope_forms_are_read():
+    assert CohereConfig.from_dict(BASE).rope_theta == 8000000
+    newer = {k: v for k, v in BASE.items() if k != "rope_theta"}
+    newer["rope_parameters"] = {"rope_theta": 4000000.0, "rope_type": "default"}
+    assert CohereConfig.from_dict(newer).rope_theta == 4000000.0
+
+
+def test_missing_kv_heads_means_mha_and_eos_list_takes_the_first():
+    raw = {k: v for k, v in BASE.items() if k != "num_key_value_heads"} | {"eos_token_id": [255001, 6]}
+    config = CohereConfig.from_dict(raw)
+    assert config.num_key_value_heads == 64 and config.eos_token_id == 255001
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"model_type": "cohere2"}, "model_type"),
+    ({"model_type": "llama"}, "model_type"),
+    ({"sliding_window": 4096}, "sliding_window"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+    ({"hidden_size": None}, "hidden_size"),
+    ({"num_key_value_heads": 7}, "num_key_value_heads"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"logit_scale": -1}, "logit_scale"),
+])
+def test_refused_configs_name_the_field(change, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        CohereConfig.from_dict({**BASE, **change})
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "logit_scale", "rope_theta"])
+def test_missing_fields_are_named(field):
+    with pytest.raises(ConfigError, match=f"'{field}' is missing"):
+        CohereConfig.from_dict({k: v for k, v in BASE.items() if k != field})
+
+
+def test_presets_match_the_published_table():
+    """Rows from shared/COHERE.md section 2, parsed independently of the preset code."""
+    table = (SHARED / "COHERE.md").read_text().split("## 2.")[1].split("Notes:")[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip().strip("*") for c in line.split("|")[1:-1]]
+        if len(cells) > 9 and cells[1] == "cohere":
+            rows[cells[0].split(" ")[0]] = cells
+    names = {"command-r": "c4ai-command-r-v01", "command-r-08-2024": "c4ai-command-r-08-2024",
+             "command-r-plus": "c4ai-command-r-plus", "command-r-plus-08-2024": "c4ai-command-r-plus-08-2024",
+             "aya-23-8b": "aya-23-8B", "aya-23-35b": "aya-23-35B", "aya-expanse-8b": "aya-expanse-8b",
+             "aya-expanse-32b": "aya-expanse-32b"}
+    for preset, row_name in names.items():
+        cells, c = rows[row_name], PRESETS[preset].config
+        assert PRESETS[preset].hub_id.endswith(row_name)
+        assert [c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                c.intermediate_size] == [int(x.split()[0]) for x in cells[2:7]]
+        assert c.rope_theta == float(cells[7].replace(",", ""))
+        assert c.logit_scale == pytest.approx(float(cells[8].replace("…", "")), rel=1e-3)
+        assert c.use_qk_norm == cells[9].startswith("true")
+        assert c.vocab_size == 256000 and c.head_dim == 128
+        # [mem] rows and the ones with '?' must be flagged as unverified in the code
+        if "[mem]" in cells[-1] or "?" in cells[9]:
+            assert not PRESETS[preset].verified, preset
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = save_hf_checkpoint(tmp_path / "one", **CONFIGS["gqa-untied"])
+    model = transformers.CohereForCausalLM.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    a, _ = load_model(folder)
+    b, _ = load_model(tmp_path / "sharded")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return save_hf_checkpoint(tmp_path / "ckpt", **CONFIGS["gqa-qknorm"])
+
+
+def _rewrite(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_missing_tensor_is_named(checkpoint):
+    _rewrite(checkpoint, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"):
+        load_model(checkpoint)
+
+
+def test_unexpected_tensor_is_named(checkpoint):
+    _rewrite(checkpoint, lambda t: t.update({"model.layers.9.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) model.layers.9.extra.weight"):
+        load_model(checkpoint)
+
+
+def test_wrong_shape_is_named(checkpoint):
+    _rewrite(checkpoint, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(3, 64)}))
+    with pytest.raises(CheckpointError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(3, 64\)"):
+        load_model(checkpoint)
+
+
+def test_missing_shard_is_named(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = save_hf_checkpoint(tmp_path / "one", **CONFIGS["mha-tied"])
+    transformers.CohereForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "sh", max_shard_size="50KB")
+    shard = sorted((tmp_path / "sh").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shard.name}, which is missing"):
+        load_model(tmp_path / "sh")
+
+
+def test_not_safetensors_is_named(checkpoint):
+    (checkpoint / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(checkpoint)
+
+
+def test_pickled_checkpoint_is_refused_without_unpickling(checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    # a pickle that would run code if loaded: the loader must never open it
+    (checkpoint / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'touch /tmp/pwned'\ntR.")
+    with pytest.raises(CheckpointError, match="pickled weights .*pytorch_model.bin.* refused"):
+        load_model(checkpoint)
+
+
+def test_other_architecture_is_refused(checkpoint):
+    raw = json.loads((checkpoint / "config.json").read_text())
+    raw["model_type"] = "cohere2"
+    (checkpoint / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="config.json: config field 'model_type' = 'cohere2'"):
+        load_model(checkpoint)
+
+
+def test_unknown_name_lists_the_presets():
+    with pytest.raises(ModelNotFoundError, match="not a preset .*command-r"):
+        resolve_checkpoint("command-x")
+
+
+def test_hub_id_resolves_offline_from_a_local_hf_cache(tmp_path, monkeypatch, checkpoint):
+    """A cache laid out as huggingface_hub lays it out: models--owner--name/{refs/main, snapshots/<commit>}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--CohereForAI--c4ai-command-r-v01"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants
+    importlib.reload(huggingface_hub.constants)  # the constants read HF_HOME / HF_HUB_OFFLINE at import
+    try:
+        folder = resolve_checkpoint("command-r")  # the preset names this hub id
+        assert folder == repo / "snapshots" / commit
+        model, config = load_model("CohereForAI/c4ai-command-r-v01")
+        assert config.use_qk_norm  # the checkpoint's own config.json won over the preset's
+        with pytest.raises(ModelNotFoundError, match="not in the local hub cache .*HF_HUB_OFFLINE is set"):
+            resolve_checkpoint("CohereForAI/aya-23-8B")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)

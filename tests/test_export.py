@@ -1,0 +1,188 @@
+"""`python -m export`: the graph, the ONNX Runtime engine, the artifact folder, parity, and refused input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engines import Artifact, ArtifactError, open_engine
+from engines.onnxruntime import OnnxRuntimeEngine
+from export import parity
+from export.build import ExportError, ExportOptions, build
+from reference import load_model
+from tests.conftest import CONFIGS, REPO, save_hf_checkpoint
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_tiny_artifact_is_complete_and_verified(tiny_artifact):
+    artifact = Artifact.open(tiny_artifact)  # checks every file's sha256
+    m = artifact.manifest
+    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json",
+                               "tokenizer_config.json", "generation_config.json"}
+    assert m["parity"]["passed"] and m["parity"]["backend"] == "onnxruntime-cpu"
+    assert m["graph"]["inputs"]["past_key_0"] == {"shape": ["batch", 2, 256, 32], "dtype": "float32"}
+    assert m["tensorrt"] == {"built": False, "reason": "--engine onnx"}
+    assert m["source"]["files"]["model.safetensors"] and m["tools"]["onnxruntime"]
+    assert not [p for p in tiny_artifact.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_graph_has_the_form_tensorrt_takes(tiny_artifact):
+    graph = onnx.load(str(tiny_artifact / "model.onnx"), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    layers = 2
+    assert ops["TensorScatter"] == 2 * layers and ops["Attention"] == layers
+    assert ops["RotaryEmbedding"] == 2 * layers and ops["LayerNormalization"] >= layers + 1
+    for node in graph.node:
+        if node.op_type == "Attention":  # single output, no past inputs, an explicit boolean mask
+            assert len(node.output) == 1 and len(node.input) == 4
+        if node.op_type == "RotaryEmbedding":
+            assert {a.name: a.i for a in node.attribute}["interleaved"] == 1
+    opset = {o.domain: o.version for o in onnx.load(str(tiny_artifact / "model.onnx"),
+                                                    load_external_data=False).opset_import}
+    assert opset[""] == 24
+
+
+def test_artifact_refuses_a_changed_or_missing_file(tiny_artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    data = bytearray((copy / "model.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (copy / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.onnx.data: sha256 differs"):
+        Artifact.open(copy)
+    shutil.copyfile(tiny_artifact / "model.onnx.data", copy / "model.onnx.data")
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match="tokenizer.json: listed in manifest.json but missing"):
+        Artifact.open(copy)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_artifact):
+    artifact = Artifact.open(tiny_artifact)
+    return open_engine(artifact, "onnxruntime-cpu"), load_model("tiny")[0]
+
+
+def test_late_joiner_rows_equal_each_row_alone(tiny_engine):
+    """Rows at different positions in one step (a sequence joining a running batch) equal each row alone."""
+    engine, reference = tiny_engine
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 1024, 20).tolist(), rng.integers(0, 1024, 6).tolist()
+    state = engine.allocate(2)
+    # row 0 prefills 19 tokens; row 1 is idle (one pad token at slot 0)
+    engine.step(state, parity.right_pad([a[:19], [0]]), np.array([0, 0]), np.array([18, 0]))
+    # one step: row 0 decodes its 20th token while row 1 prefills 6 tokens from position 0
+    logits = engine.step(state, parity.right_pad([a[19:], b]), np.array([19, 0]), np.array([0, 5]))
+    with torch.no_grad():
+        alone_a = reference(torch.tensor([a]))[0, -1].numpy()
+        alone_b = reference(torch.tensor([b]))[0, -1].numpy()
+    assert np.abs(logits[0] - alone_a).max() <= 1e-4
+    assert np.abs(logits[1] - alone_b).max() <= 1e-4
+
+
+def test_decode_updates_the_cache_in_place(tiny_engine):
+    """IO binding hands ONNX Runtime the same buffer as past and present: no copy of the whole cache per step."""
+    engine, _ = tiny_engine
+    state = engine.allocate(1)
+    before = state.caches[0][0]
+    buffer = before.numpy()  # the CPU OrtValue wraps this numpy array
+    engine.step(state, np.array([[7, 8, 9]]), np.array([0]), np.array([2]))
+    assert state.caches[0][0] is before
+    assert np.abs(buffer[0, :, :3]).max() > 0 and np.abs(buffer[0, :, 3:]).max() == 0
+
+
+def test_step_refuses_bad_arguments(tiny_engine):
+    engine, _ = tiny_engine
+    state = engine.allocate(2)
+    with pytest.raises(ValueError, match="exceed the artifact's max_context 256"):
+        engine.step(state, np.zeros((2, 4)), np.array([0, 253]), np.array([3, 3]))
+    with pytest.raises(ValueError, match="token id outside"):
+        engine.step(state, np.full((2, 1), 5000), np.array([0, 0]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="batch 9 outside"):
+        engine.allocate(9)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_export_of_transformers_checkpoints_passes_parity(tmp_path, name, dtype):
+    folder = save_hf_checkpoint(tmp_path / "ckpt", **CONFIGS[name])
+    out = build(ExportOptions(model=str(folder), out=tmp_path / "art", dtype=dtype, max_batch=3, max_context=64,
+                              engine="onnx"))
+    report = Artifact.open(out).manifest["parity"]
+    logits = next(r for r in report["rows"] if r["output"] == "logits")
+    print(f"\n{name} {dtype}: logits max abs {logits['max_abs']:.3e} (rel {logits['max_rel']:.3e}), "
+          f"greedy equal {report['greedy_tokens_equal']}")
+    assert report["passed"]
+    if dtype == "float32":
+        assert logits["max_abs"] <= 1e-4
+
+
+def test_failed_parity_writes_nothing_and_keeps_the_previous_artifact(tmp_path, monkeypatch):
+    out = build(ExportOptions(model="tiny", out=tmp_path / "art", max_batch=2, max_context=64, engine="onnx"))
+    previous = (out / "manifest.json").read_text()
+    impossible = parity.Tolerance(logits_max_abs=0.0, cache_max_abs=0.0, top1_agreement=1.0,
+                                  greedy_must_match=True)
+    monkeypatch.setitem(parity.TOLERANCES, "float32", impossible)
+    with pytest.raises(ExportError, match="parity check failed .*nothing was written"):
+        build(ExportOptions(model="tiny", out=out, max_batch=2, max_context=64, engine="onnx"))
+    assert (out / "manifest.json").read_text() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_skip_verify_is_recorded(tmp_path):
+    out = build(ExportOptions(model="tiny", out=tmp_path / "art", max_batch=1, max_context=32, engine="onnx",
+                              verify=False))
+    assert Artifact.open(out).manifest["parity"] == {"skipped": True, "reason": "--skip-verify"}
+
+
+def test_parity_command_remeasures_an_artifact(tiny_artifact):
+    result = subprocess.run([sys.executable, "-m", "export.parity", str(tiny_artifact), "--backend",
+                             "onnxruntime"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "logits" in result.stdout and "overall: PASS" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "command-x"], "not a preset"),
+    (["--model", "tiny", "--max-context", "100000"], "--max-context 100000 exceeds the model's context of 4096"),
+    (["--model", "tiny", "--max-batch", "0"], "--max-batch 0"),
+])
+def test_bad_input_gets_one_clear_line(args, message):
+    result = run_export(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    result = run_export("--model", "tiny", "--out", str(target))
+    assert result.returncode == 2 and "is a file" in result.stderr
+
+
+def test_not_a_cohere_checkpoint_is_refused(tmp_path):
+    folder = save_hf_checkpoint(tmp_path / "ckpt", **CONFIGS["mha-tied"])
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}))
+    result = run_export("--model", str(folder), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "'model_type' = 'llama'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ort_engine_refuses_a_broken_graph(tmp_path, tiny_artifact):
+    (tmp_path / "model.onnx").write_bytes(b"not onnx")
+    from engines import EngineError
+
+    with pytest.raises(EngineError, match="ONNX Runtime cannot load it"):
+        OnnxRuntimeEngine(tmp_path / "model.onnx", Artifact.open(tiny_artifact).spec)
