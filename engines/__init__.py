@@ -22,9 +22,10 @@ def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
     if backend in ("auto", "tensorrt"):
         from . import tensorrt
 
-        usable, why = tensorrt.plan_usable(artifact)
-        if usable:
-            return tensorrt.TensorRTEngine(artifact)
+        section = artifact.manifest.get("tensorrt")
+        why = tensorrt.plan_unusable_reason(section)
+        if why is None:
+            return tensorrt.TensorRTEngine(artifact.folder, artifact.spec, section)
         if backend == "tensorrt":
             raise EngineError(f"backend 'tensorrt': {why}")
         log.info("not using TensorRT: %s", why)

@@ -145,7 +145,7 @@ def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConf
         "tools": _tool_versions(),
     }
     manifest["tensorrt"] = _maybe_build_tensorrt(tmp, opts, spec)
-    manifest["parity"] = _verify(tmp, folder, spec) if opts.verify else {"skipped": True,
+    manifest["parity"] = _verify(tmp, folder, spec, manifest["tensorrt"]) if opts.verify else {"skipped": True,
                                                                            "reason": "--skip-verify"}
     return manifest
 
@@ -169,18 +169,32 @@ def _maybe_build_tensorrt(tmp: Path, opts: ExportOptions, spec: GraphSpec) -> di
     return {"built": True, **tensorrt.build_plan(tmp / ONNX_FILE, spec, tmp)}
 
 
-def _verify(tmp: Path, folder: Path, spec: GraphSpec) -> dict:
+def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: dict) -> dict:
+    """Parity of every engine that can run here, keyed by backend; a plan that cannot run says why."""
+    from engines import tensorrt
     from engines.onnxruntime import OnnxRuntimeEngine
 
     log.info("verifying parity against the fp32 reference")
     reference, _ = load_checkpoint(folder, torch.float32)
-    report = parity.measure(reference, OnnxRuntimeEngine(tmp / ONNX_FILE, spec))
-    print(parity.format_table(report))
-    if not report["passed"]:
-        failed = ", ".join(r["output"] for r in report["rows"] if not r["passed"])
-        raise ExportError(f"parity check failed ({failed}) past the {spec.dtype} tolerance; nothing was written. "
-                          "Use --skip-verify to write the artifact anyway (recorded in its manifest).")
-    return report
+    engines = [OnnxRuntimeEngine(tmp / ONNX_FILE, spec)]
+    results = {}
+    if tensorrt_section.get("built"):
+        why = tensorrt.plan_unusable_reason(tensorrt_section)
+        if why is None:
+            engines.append(tensorrt.TensorRTEngine(tmp, spec, tensorrt_section))
+        else:
+            log.warning("TensorRT plan not verified: %s", why)
+            results["tensorrt"] = {"measured": False, "reason": why}
+    for engine in engines:
+        report = parity.measure(reference, engine)
+        print(parity.format_table(report))
+        if not report["passed"]:
+            failed = ", ".join(r["output"] for r in report["rows"] if not r["passed"])
+            raise ExportError(f"{engine.backend} parity check failed ({failed}) past the {spec.dtype} tolerance; "
+                              "nothing was written. Use --skip-verify to write the artifact anyway (recorded in "
+                              "its manifest).")
+        results[engine.backend] = report
+    return results
 
 
 def _write_manifest(tmp: Path, manifest: dict) -> None:

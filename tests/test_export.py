@@ -29,7 +29,7 @@ def test_tiny_artifact_is_complete_and_verified(tiny_artifact):
     m = artifact.manifest
     assert set(m["files"]) == {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json",
                                "tokenizer_config.json", "generation_config.json"}
-    assert m["parity"]["passed"] and m["parity"]["backend"] == "onnxruntime-cpu"
+    assert m["parity"]["onnxruntime-cpu"]["passed"]
     assert m["graph"]["inputs"]["past_key_0"] == {"shape": ["batch", 2, 256, 32], "dtype": "float32"}
     assert m["tensorrt"] == {"built": False, "reason": "--engine onnx"}
     assert m["source"]["files"]["model.safetensors"] and m["tools"]["onnxruntime"]
@@ -119,7 +119,7 @@ def test_export_of_transformers_checkpoints_passes_parity(tmp_path, name, dtype)
     folder = save_hf_checkpoint(tmp_path / "ckpt", **CONFIGS[name])
     out = build(ExportOptions(model=str(folder), out=tmp_path / "art", dtype=dtype, max_batch=3, max_context=64,
                               engine="onnx"))
-    report = Artifact.open(out).manifest["parity"]
+    report = Artifact.open(out).manifest["parity"]["onnxruntime-cpu"]
     logits = next(r for r in report["rows"] if r["output"] == "logits")
     print(f"\n{name} {dtype}: logits max abs {logits['max_abs']:.3e} (rel {logits['max_rel']:.3e}), "
           f"greedy equal {report['greedy_tokens_equal']}")
@@ -134,7 +134,7 @@ def test_failed_parity_writes_nothing_and_keeps_the_previous_artifact(tmp_path, 
     impossible = parity.Tolerance(logits_max_abs=0.0, cache_max_abs=0.0, top1_agreement=1.0,
                                   greedy_must_match=True)
     monkeypatch.setitem(parity.TOLERANCES, "float32", impossible)
-    with pytest.raises(ExportError, match="parity check failed .*nothing was written"):
+    with pytest.raises(ExportError, match="onnxruntime-cpu parity check failed .*nothing was written"):
         build(ExportOptions(model="tiny", out=out, max_batch=2, max_context=64, engine="onnx"))
     assert (out / "manifest.json").read_text() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
@@ -155,7 +155,7 @@ def test_parity_command_remeasures_an_artifact(tiny_artifact):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "command-x"], "not a preset"),
-    (["--model", "tiny", "--max-context", "100000"], "--max-context 100000 exceeds the model's context of 4096"),
+    (["--model", "tiny", "--max-context", "100000"], "--max-context 100000 exceeds the model's context of 8192"),
     (["--model", "tiny", "--max-batch", "0"], "--max-batch 0"),
 ])
 def test_bad_input_gets_one_clear_line(args, message):
@@ -186,3 +186,15 @@ def test_ort_engine_refuses_a_broken_graph(tmp_path, tiny_artifact):
 
     with pytest.raises(EngineError, match="ONNX Runtime cannot load it"):
         OnnxRuntimeEngine(tmp_path / "model.onnx", Artifact.open(tiny_artifact).spec)
+
+
+def test_tensorrt_export_builds_a_plan_and_says_why_it_is_not_verified(tmp_path):
+    """With only TensorRT-RTX installed (CI), --engine tensorrt builds an offline plan into the artifact."""
+    pytest.importorskip("tensorrt_rtx")
+    out = build(ExportOptions(model="tiny", out=tmp_path / "art", dtype="float16", max_batch=2, max_context=64,
+                              engine="tensorrt"))
+    m = Artifact.open(out).manifest
+    assert m["tensorrt"]["built"] and m["files"]["model.plan"]["sha256"] == m["tensorrt"]["plan_sha256"]
+    assert [p["name"] for p in m["tensorrt"]["profiles"]] == ["prefill", "decode"]
+    assert m["parity"]["onnxruntime-cpu"]["passed"]
+    assert m["parity"]["tensorrt"]["measured"] is False and "GPU" in m["parity"]["tensorrt"]["reason"]
