@@ -20,12 +20,16 @@ def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend in ("auto", "tensorrt"):
-        from . import tensorrt
+        section = artifact.manifest.get("tensorrt") or {}
+        if section.get("built"):  # only then import the TensorRT runtime (and torch, its device allocator)
+            from . import tensorrt
 
-        section = artifact.manifest.get("tensorrt")
-        why = tensorrt.plan_unusable_reason(section)
-        if why is None:
-            return tensorrt.TensorRTEngine(artifact.folder, artifact.spec, section)
+            why = tensorrt.plan_unusable_reason(section)
+            if why is None:
+                return tensorrt.TensorRTEngine(artifact.folder, artifact.spec, section)
+        else:
+            why = "the artifact holds no TensorRT plan" + (f" ({section['reason']})" if section.get("reason")
+                                                             else "")
         if backend == "tensorrt":
             raise EngineError(f"backend 'tensorrt': {why}")
         log.info("not using TensorRT: %s", why)

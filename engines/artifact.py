@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from .base import GraphSpec
@@ -21,11 +22,14 @@ class ArtifactError(ValueError):
     """An artifact folder that cannot be used as it is; the message names the file."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path, progress: Callable[[int], object] | None = None, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks; ``progress(n)`` is told of every ``n`` bytes read."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+            if progress:
+                progress(len(block))
     return digest.hexdigest()
 
 

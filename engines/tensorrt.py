@@ -345,10 +345,8 @@ def plan_mismatch(section: dict, module: str, version: str, gpu: dict | None) ->
     return None
 
 
-def plan_unusable_reason(section: dict | None) -> str | None:
-    """Why the artifact's TensorRT section cannot run here; None when it can."""
-    if not section or not section.get("built"):
-        return "the artifact holds no TensorRT plan" + (f" ({section['reason']})" if section else "")
+def plan_unusable_reason(section: dict) -> str | None:
+    """Why the artifact's (built) TensorRT plan cannot run here; None when it can."""
     ok, why = runtime_available()
     if not ok:
         return why

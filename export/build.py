@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from engines.artifact import FORMAT_VERSION, MANIFEST, sha256_file
 from engines.base import GraphSpec
@@ -138,7 +139,7 @@ def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConf
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"model": opts.model, "folder": str(folder.resolve()),
-                   "files": {p.name: sha256_file(p) for p in sorted(_source_files(folder))}},
+                   "files": _hash_files(sorted(_source_files(folder)), "hashing the checkpoint")},
         "config": config.to_dict(),
         "graph": {**spec.to_dict(), "opset": OPSET, **spec.io()},
         "onnx": {"file": ONNX_FILE},
@@ -198,9 +199,16 @@ def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: dict) ->
 
 
 def _write_manifest(tmp: Path, manifest: dict) -> None:
-    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                         for p in sorted(tmp.iterdir()) if p.is_file()}
+    paths = sorted(p for p in tmp.iterdir() if p.is_file())
+    hashes = _hash_files(paths, "hashing the artifact")
+    manifest["files"] = {p.name: {"sha256": hashes[p.name], "bytes": p.stat().st_size} for p in paths}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _hash_files(paths: list[Path], desc: str) -> dict[str, str]:
+    with tqdm(total=sum(p.stat().st_size for p in paths), desc=desc, unit="B", unit_scale=True, disable=None,
+              leave=False) as bar:
+        return {p.name: sha256_file(p, bar.update) for p in paths}
 
 
 def _replace(tmp: Path, out: Path) -> None:

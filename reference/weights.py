@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import CohereConfig
 from .model import CohereForCausalLM
@@ -80,6 +81,8 @@ def load_weights(model: CohereForCausalLM, folder: Path, dtype: torch.dtype) -> 
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
+    # A progress bar on a terminal only (disable=None): a 70 GB checkpoint takes minutes to read.
+    progress = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=None, leave=False)
     for path, tensor_names in by_file.items():
         try:
             handle = safe_open(path, framework="pt")
@@ -93,6 +96,8 @@ def load_weights(model: CohereForCausalLM, folder: Path, dtype: torch.dtype) -> 
                                           f"needs {tuple(expected[name])}")
                 _set_parameter(model, name, tensor.to(dtype))
                 del tensor
+                progress.update()
+    progress.close()
 
 
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

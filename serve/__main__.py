@@ -1,18 +1,22 @@
 """``python -m serve``: generate text from an exported artifact folder, from the command line.
 
 One command, no subcommands: what to do follows from the arguments (a PROMPT completes it, ``--chat`` starts a
-conversation; a later release adds ``--port`` to start the HTTP server with the same sampling flags).
+conversation, ``--port`` starts the OpenAI-compatible HTTP server, whose defaults the sampling flags set).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from engines import BACKENDS, ArtifactError, EngineError
 
 from .generator import Generator, SamplingParams
+
+# Where --api-key is read from when not given: the environment keeps a secret out of the process list.
+API_KEY_ENV = "COHERE_DEPLOY_API_KEY"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,12 +35,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="examples:\n"
                "  python -m serve build/tiny-float32 \"The capital of France is\"\n"
                "  python -m serve build/command-r-float16 --chat --temperature 0.3\n"
-               "  python -m serve build/tiny-float32 \"Once upon a time\" --temperature 0.8 --top-p 0.9 --seed 1\n\n"
+               "  python -m serve build/tiny-float32 \"Once upon a time\" --temperature 0.8 --top-p 0.9 --seed 1\n"
+               "  python -m serve build/tiny-float32 --port 8000      # HTTP server on 127.0.0.1:8000\n\n"
                "In --chat, type a message and press enter; /exit or end of input (Ctrl-D) quits.\n"
                "Sampling defaults come from the artifact's generation_config.json (greedy when it says nothing).")
     parser.add_argument("artifact", metavar="ARTIFACTS", help="artifact folder written by `python -m export`")
     parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="text to continue (not with --chat)")
     parser.add_argument("--chat", action="store_true", help="interactive conversation using the chat template")
+    http = parser.add_argument_group("HTTP server (OpenAI-compatible; see serve/server.py)")
+    http.add_argument("--port", type=int, metavar="PORT", help="serve HTTP on this port instead of generating once")
+    http.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default: 127.0.0.1, this machine only); 0.0.0.0 for all")
+    http.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),
+                      help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="engine: auto picks TensorRT when the artifact has a plan this machine can run, "
                              "else ONNX Runtime on CUDA, else on CPU (default: auto)")
@@ -55,7 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # intermixed: flags may come before, between or after ARTIFACTS and PROMPT
     args = parser.parse_intermixed_args(argv)
-    if args.chat == (args.prompt is not None):
+    if args.port is not None:
+        if args.chat or args.prompt is not None:
+            parser.error("--port starts the HTTP server: give no PROMPT and no --chat with it")
+        if not 0 <= args.port <= 65535:
+            parser.error(f"--port {args.port}: must lie in [0, 65535]")
+    elif args.chat == (args.prompt is not None):
         parser.error("give a PROMPT to complete, or --chat for a conversation (not both)")
     if args.prompt == "":
         parser.error("PROMPT is empty")
@@ -110,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     sampling = _given(args)
     try:
         generator = Generator(args.artifact, backend=args.backend)
-        if args.chat:
+        if args.port is not None:
+            from .server import serve  # here: the one-shot CLI need not load the web stack
+
+            generator.defaults = generator.sampling(**sampling)  # what a request leaves out
+            serve(generator, host=args.host, port=args.port, api_key=args.api_key or None)
+        elif args.chat:
             _chat(generator, sampling)
         else:
             _print_stream(generator, args.prompt, sampling)

@@ -405,9 +405,6 @@ class Generator:
     def __init__(self, artifacts: str | Path, backend: str = "auto"):
         self.artifact = Artifact.open(artifacts)
         self.spec = self.artifact.spec
-        if backend == "auto" and not self.artifact.manifest.get("tensorrt", {}).get("built"):
-            # Nothing for TensorRT to run; going straight to ONNX Runtime also keeps its torch import out.
-            backend = "onnxruntime"
         self.engine = open_engine(self.artifact, backend)
         self.backend = self.engine.backend
         self.tokenizer = Tokenizer.from_file(str(self.artifact.path("tokenizer.json")))

@@ -198,3 +198,20 @@ def test_tensorrt_export_builds_a_plan_and_says_why_it_is_not_verified(tmp_path)
     assert [p["name"] for p in m["tensorrt"]["profiles"]] == ["prefill", "decode"]
     assert m["parity"]["onnxruntime-cpu"]["passed"]
     assert m["parity"]["tensorrt"]["measured"] is False and "GPU" in m["parity"]["tensorrt"]["reason"]
+
+
+def test_no_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ExportError, match="not enough disk space in .*0.0 GB free"):
+        build(ExportOptions(model="tiny", out=tmp_path / "art", engine="onnx"))
+    assert not (tmp_path / "art").exists()
+
+
+def test_help_names_the_presets_and_examples():
+    result = run_export("--help")
+    assert result.returncode == 0
+    assert "command-r-plus" in result.stdout and "--max-context" in result.stdout and "examples" in result.stdout
