@@ -92,10 +92,17 @@ def _error_response(error: ApiError) -> JSONResponse:
 def _validation_error(error: ValidationError) -> ApiError:
     """The first problem pydantic found, named by its field path (``messages.0.role``)."""
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
+    # pydantic names the member of a union it tried (`stop.str`, `prompt.list[int].0`): not a field of the request.
+    fields = [str(part) for part in first["loc"] if not (isinstance(part, str) and (part in ("str", "int")
+                                                                                    or "[" in part))]
+    param = ".".join(fields) or None
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"unrecognized request argument supplied: {param}", param=param)
-    return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    given = first.get("input")
+    if isinstance(given, (str, int, float, bool)) and len(repr(given)) <= 80:  # a value worth echoing
+        message += f" (got {given!r})"
+    return ApiError(400, message, param=param)
 
 
 # ------------------------------------------------------------------------------------------------ request bodies
@@ -255,7 +262,6 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
 
     app = FastAPI(title="cohere-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
-    app.state.metrics = metrics
     app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
@@ -320,13 +326,12 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
-    def encode(prompt) -> list[int]:
+    def encode(prompt, param: str) -> list[int]:
         try:
             return generator.encode(prompt)
         except ValueError as e:  # an empty prompt, a token id outside the vocabulary, or too long for the context
             code = "context_length_exceeded" if "max_context" in str(e) else None
-            raise ApiError(400, str(e), param="messages" if isinstance(prompt, list) else "prompt",
-                           code=code) from None
+            raise ApiError(400, str(e), param=param, code=code) from None
 
     def submit(ids: list[int], params: SamplingParams, started: float) -> Ticket:
         seq = generator.new_sequence(ids, params, started)
@@ -397,7 +402,7 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
                 citation_mode=body.citation_mode))
         except ValueError as e:  # the template's own checks (roles, tools with documents, ...)
             raise ApiError(400, str(e)) from None
-        ids = encode(ids)
+        ids = encode(ids, "messages")
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
         ticket = submit(ids, params, started)
         reply = _ChatReply(tools=tools is not None, documents=body.documents is not None)
@@ -449,7 +454,7 @@ def create_app(generator: Generator, model_name: str | None = None, api_key: str
         authorize(request)
         body = await read_body(request, CompletionRequest)
         check_model(body.model)
-        ids = await asyncio.to_thread(encode, body.prompt)
+        ids = await asyncio.to_thread(encode, body.prompt, "prompt")
         params = sampling(body, len(ids), body.max_tokens)
         ticket = submit(ids, params, started)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
