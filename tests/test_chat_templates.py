@@ -10,17 +10,14 @@ from tokenizers import Tokenizer
 
 from serve.chat import ChatTemplateError, ChatTemplates
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, SHARED
+
 TINY = REPO / "reference" / "tiny"
 
 
 def _shared_templates() -> Path:
-    # The repository is cloned into X/<repo> and the shared fixtures sit at X/shared.
-    for shared in (REPO.parent / "shared", Path("/work/shared")):
-        templates = shared / "fixtures" / "cohere" / "templates"
-        if templates.is_dir():
-            return templates
-    pytest.skip("shared Cohere template fixtures not found")
+    # The real checkpoints' templates: read-only fixtures beside the repository (X/<repo> and X/shared).
+    return SHARED / "fixtures" / "cohere" / "templates"
 
 
 def _tiny_config() -> dict:
