@@ -7,7 +7,11 @@ An engine runs the exported decoder step. It knows tensors, not tokens:
 
 ``input_ids [batch, seq]`` int64 are the new tokens of every row (right-padded), ``write_indices [batch]`` the
 position of each row's first new token, ``logits_indices [batch]`` which of the new tokens each row wants logits
-for. ``logits`` come back as a float32 numpy array ``[batch, vocab]``. Rows are independent: each row's logits
+for. ``logits`` come back as a float32 numpy array ``[batch, vocab]``.
+
+The graph has one more input the engines fill themselves: ``kv_slots = arange(L)``, the cache slots attention
+reads, ``L >= max(write_indices) + seq``. ONNX Runtime passes the filled prefix, so a step costs what its context
+costs; TensorRT passes all ``max_context`` slots, so the decode step has one shape and replays a CUDA graph. Rows are independent: each row's logits
 equal running that row alone. Every row needs ``write_indices[b] + seq <= max_context``.
 """
 
@@ -18,7 +22,8 @@ import dataclasses
 
 import numpy as np
 
-INPUT_IDS, WRITE_INDICES, LOGITS_INDICES, LOGITS = "input_ids", "write_indices", "logits_indices", "logits"
+INPUT_IDS, WRITE_INDICES, LOGITS_INDICES, KV_SLOTS, LOGITS = ("input_ids", "write_indices", "logits_indices",
+                                                               "kv_slots", "logits")
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -49,7 +54,7 @@ class GraphSpec:
         """Names, shapes (symbolic dims as strings) and dtypes of every input and output, for the manifest."""
         cache = ["batch", self.num_kv_heads, self.max_context, self.head_dim]
         inputs = {INPUT_IDS: (["batch", "seq"], "int64"), WRITE_INDICES: (["batch"], "int64"),
-                  LOGITS_INDICES: (["batch"], "int64")}
+                  LOGITS_INDICES: (["batch"], "int64"), KV_SLOTS: (["kv_slots"], "int64")}
         outputs = {LOGITS: (["batch", self.vocab_size], "float32")}
         for layer in range(self.num_layers):
             for name in past_names(layer):

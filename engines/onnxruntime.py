@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import (INPUT_IDS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec, past_names,
+from .base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec, past_names,
                    present_names)
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class OnnxRuntimeEngine(Engine):
         binding.bind_cpu_input(INPUT_IDS, input_ids)
         binding.bind_cpu_input(WRITE_INDICES, write_indices)
         binding.bind_cpu_input(LOGITS_INDICES, logits_indices)
+        # Attention reads only the filled prefix of the static cache: a step at position 64 does not pay for 2048.
+        binding.bind_cpu_input(KV_SLOTS, np.arange(write_indices.max() + input_ids.shape[1], dtype=np.int64))
         binding.bind_output(LOGITS, "cpu")  # bound first: get_outputs() follows binding order
         for layer, caches in enumerate(state.caches):
             for past, present, value in zip(past_names(layer), present_names(layer), caches):

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from engines.base import (INPUT_IDS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec,
+from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec,
                           past_names, present_names)
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,8 @@ def _profiles(spec: GraphSpec, prefill_max_seq: int) -> list[dict]:
         shapes = {INPUT_IDS: {"min": [1, 1], "opt": [spec.max_batch, opt_seq], "max": [spec.max_batch, max_seq]}}
         for vector in (WRITE_INDICES, LOGITS_INDICES):
             shapes[vector] = {"min": [1], "opt": [spec.max_batch], "max": [spec.max_batch]}
+        # The engine always attends over every slot (one decode shape, so one CUDA graph); see engines/base.py.
+        shapes[KV_SLOTS] = {"min": [spec.max_context]} | {k: [spec.max_context] for k in ("opt", "max")}
         for layer in range(spec.num_layers):
             for cache_name in past_names(layer):
                 shapes[cache_name] = {"min": [1, *cache], "opt": [spec.max_batch, *cache],
@@ -443,7 +445,8 @@ class TensorRTEngine(Engine):
             logits = torch.empty(batch, self.spec.vocab_size, dtype=torch.float32, device=self.device)
             decode_inputs = {INPUT_IDS: torch.zeros(batch, 1, dtype=torch.int64, device=self.device),
                              WRITE_INDICES: torch.zeros(batch, dtype=torch.int64, device=self.device),
-                             LOGITS_INDICES: torch.zeros(batch, dtype=torch.int64, device=self.device)}
+                             LOGITS_INDICES: torch.zeros(batch, dtype=torch.int64, device=self.device),
+                             KV_SLOTS: torch.arange(self.spec.max_context, dtype=torch.int64, device=self.device)}
         self._stream.synchronize()
         return TensorRTState(batch, caches, logits, decode_inputs)
 
@@ -516,6 +519,7 @@ class TensorRTEngine(Engine):
                     inputs[name].copy_(torch.from_numpy(array))
             else:
                 inputs = {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
+                inputs[KV_SLOTS] = state.decode_inputs[KV_SLOTS]  # the same all-slots range as decode
             changed = self._bind(1 if decode else 0, inputs, state)
             if decode and self._use_cuda_graphs and not changed:
                 # TensorRT needs one eager enqueue after any shape/address/profile change before capture or

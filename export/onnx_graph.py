@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from engines.base import (INPUT_IDS, LOGITS, LOGITS_INDICES, WRITE_INDICES, GraphSpec, past_names,
+from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, GraphSpec, past_names,
                           present_names)
 from reference.model import CohereForCausalLM
 
@@ -33,9 +33,9 @@ class DecoderStep(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, write_indices, logits_indices, *flat_caches):
+    def forward(self, input_ids, write_indices, logits_indices, kv_slots, *flat_caches):
         caches = list(zip(flat_caches[0::2], flat_caches[1::2]))
-        logits, caches = self.model(input_ids, write_indices, logits_indices, caches)
+        logits, caches = self.model(input_ids, write_indices, logits_indices, caches, kv_slots)
         return (logits, *[t for pair in caches for t in pair])
 
 
@@ -43,7 +43,7 @@ def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 2) -> tuple[torch
     dtype = getattr(torch, spec.dtype)
     cache = (batch, *spec.cache_shape_per_row)
     return (torch.zeros(batch, seq, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64),
-            torch.full((batch,), seq - 1, dtype=torch.int64),
+            torch.full((batch,), seq - 1, dtype=torch.int64), torch.arange(seq + 1, dtype=torch.int64),
             *[torch.zeros(cache, dtype=dtype) for _ in range(2 * spec.num_layers)])
 
 
@@ -55,8 +55,9 @@ def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path) -> Path
     seq = torch.export.Dim("seq", min=1, max=spec.max_context)
     cache_dims = {0: batch}
     # *flat_caches is one positional group to torch.export, so its shapes nest as one tuple.
-    dynamic_shapes = ({0: batch, 1: seq}, {0: batch}, {0: batch}, tuple([cache_dims] * (2 * spec.num_layers)))
-    input_names = [INPUT_IDS, WRITE_INDICES, LOGITS_INDICES]
+    slots = torch.export.Dim("kv_slots", min=1, max=spec.max_context)
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: slots}, tuple([cache_dims] * (2 * spec.num_layers)))
+    input_names = [INPUT_IDS, WRITE_INDICES, LOGITS_INDICES, KV_SLOTS]
     output_names = [LOGITS]
     for layer in range(spec.num_layers):
         input_names += past_names(layer)

@@ -92,6 +92,7 @@ class CohereAttention(nn.Module):
 
     def forward(self, h, positions, mask, rope, k_cache, v_cache, write_indices):
         batch, seq, _ = h.shape
+        attend = mask.shape[-1]
         q = self.q_proj(h).view(batch, seq, self.heads, self.head_dim)
         k = self.k_proj(h).view(batch, seq, self.kv_heads, self.head_dim)
         v = self.v_proj(h).view(batch, seq, self.kv_heads, self.head_dim)
@@ -102,7 +103,7 @@ class CohereAttention(nn.Module):
         k = rotary_embedding(k.transpose(1, 2), cos, sin, positions)
         k_cache = kv_cache_update(k_cache, k, write_indices)  # keys are cached after RoPE
         v_cache = kv_cache_update(v_cache, v.transpose(1, 2), write_indices)
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.head_dim ** -0.5,
+        out = F.scaled_dot_product_attention(q, k_cache[:, :, :attend], v_cache[:, :, :attend], attn_mask=mask, scale=self.head_dim ** -0.5,
                                              enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), k_cache, v_cache
 
@@ -169,7 +170,8 @@ class CohereForCausalLM(nn.Module):
                 for _ in range(c.num_hidden_layers)]
 
     def forward(self, input_ids: torch.Tensor, write_indices: torch.Tensor | None = None,
-                logits_indices: torch.Tensor | None = None, caches: KVCaches | None = None):
+                logits_indices: torch.Tensor | None = None, caches: KVCaches | None = None,
+                kv_slots: torch.Tensor | None = None):
         """With only ``input_ids`` (no cache): fp32 logits ``[batch, seq, vocab]`` for every position, from a fresh
         cache. With ``caches``: ``(logits [batch, vocab] fp32 at logits_indices, caches)``, caches advanced."""
         batch, seq = input_ids.shape
@@ -181,8 +183,9 @@ class CohereForCausalLM(nn.Module):
 
         offsets = torch.arange(seq, dtype=torch.int64, device=input_ids.device)
         positions = write_indices[:, None] + offsets[None, :]  # [batch, seq]
-        slots = torch.arange(max_context, dtype=torch.int64, device=input_ids.device)
-        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [batch, 1, seq, max_context]
+        if kv_slots is None:
+            kv_slots = torch.arange(int((write_indices + seq).max()), dtype=torch.int64, device=input_ids.device)
+        mask = (kv_slots[None, None, :] <= positions[:, :, None])[:, None]  # [batch, 1, seq, kv_slots]
         rope = rotary_tables(self.config, max_context)
 
         x = self.model.embed_tokens(input_ids)

@@ -54,11 +54,11 @@ def test_prefill_then_decode_equals_full_forward(pair):
         split = 5
         logits, caches = ours(ids[:, :split], torch.zeros(3, dtype=torch.int64),
                               torch.full((3,), split - 1), caches)
-        assert (logits - full[:, split - 1]).abs().max() <= 1e-5
+        assert (logits - full[:, split - 1]).abs().max() <= 1e-4
         for pos in range(split, seq):  # one token at a time, every row at the same position
             logits, caches = ours(ids[:, pos:pos + 1], torch.full((3,), pos), torch.zeros(3, dtype=torch.int64),
                                   caches)
-            assert (logits - full[:, pos]).abs().max() <= 1e-5
+            assert (logits - full[:, pos]).abs().max() <= 1e-4
 
 
 def test_rows_at_different_positions_equal_each_row_alone(pair):
@@ -73,7 +73,7 @@ def test_rows_at_different_positions_equal_each_row_alone(pair):
         step, _ = ours(next_ids, lengths, torch.zeros(3, dtype=torch.int64), caches)
         for row, n in enumerate(LENGTHS):
             alone = ours(torch.cat([ids[row:row + 1, :n], next_ids[row:row + 1]], dim=1))[0, -1]
-            assert (step[row] - alone).abs().max() <= 1e-5
+            assert (step[row] - alone).abs().max() <= 1e-4
 
 
 def test_greedy_32_tokens_equal_transformers_generate(pair):
