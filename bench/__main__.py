@@ -90,7 +90,8 @@ def bench_size(size: str, plan: Plan, repeats: int, out: Path, with_transformers
     # The runners (several copies of the weights) are gone by now: the profile runs on a quiet machine.
     return {"checkpoint": str(folder), "config": checkpoints.SIZES[size].to_dict(),
             "export": dataclasses.asdict(export), "artifact_bytes": report.artifact_weight_bytes(artifact),
-            "kv_bytes_per_row_per_step": report.kv_bytes_per_row(checkpoints.SIZES[size], checkpoints.MAX_CONTEXT),
+            "kv_bytes_per_row_per_step": report.kv_bytes_per_row(
+                checkpoints.SIZES[size], plan.decode_prompt + plan.decode_new_tokens // 2),
             "runs": runs, "profile": decode_step_profile(artifact, out, plan.decode_prompt)}
 
 
