@@ -9,9 +9,9 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from engines import Artifact, open_engine
+from engines import Artifact
+from engines.onnxruntime import OnnxRuntimeEngine
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +19,9 @@ log = logging.getLogger(__name__)
 def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, steps: int = 8) -> dict:
     """Prefill ``prompt_tokens`` at batch 1, then profile ``steps`` decode steps; per-op-type milliseconds per step
     (medians over the steps), and how much of a step no kernel accounts for (IO binding, Python, ORT's scheduling)."""
-    engine = open_engine(Artifact.open(artifact), "onnxruntime-cpu")
-    # The engine builds its session with no profiling hook; a second session with the same graph optimisation
-    # level and profiling on stands in for it. The engine's step() only uses self.session.
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_profiling = True
-    options.profile_file_prefix = str(out / "ort-profile")
-    options.log_severity_level = 3
-    engine.session = ort.InferenceSession(str(artifact / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    opened = Artifact.open(artifact)
+    engine = OnnxRuntimeEngine(opened.path(opened.manifest["onnx"]["file"]), opened.spec, "cpu",
+                               profile_prefix=str(out / "ort-profile"))
 
     rng = np.random.default_rng(1)
     state = engine.allocate(1)

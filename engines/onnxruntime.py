@@ -35,8 +35,10 @@ class OrtCacheState:
 
 
 class OnnxRuntimeEngine(Engine):
-    def __init__(self, onnx_path: Path, spec: GraphSpec, device: str = "auto", threads: int | None = None):
-        """``device``: "cpu", "cuda" or "auto" (CUDA when the CUDA execution provider is available)."""
+    def __init__(self, onnx_path: Path, spec: GraphSpec, device: str = "auto", threads: int | None = None,
+                 profile_prefix: str | None = None):
+        """``device``: "cpu", "cuda" or "auto" (CUDA when the CUDA execution provider is available).
+        ``profile_prefix``: turn on ONNX Runtime's profiler (``session.end_profiling()`` writes the trace)."""
         if device == "auto":
             device = "cuda" if cuda_available() else "cpu"
         if device == "cuda" and not cuda_available():
@@ -50,6 +52,9 @@ class OnnxRuntimeEngine(Engine):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = int(os.environ.get("COHERE_DEPLOY_ORT_LOG_LEVEL", 3))
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else [
             "CPUExecutionProvider"]
         try:
