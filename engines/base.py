@@ -5,7 +5,8 @@ An engine runs the exported decoder step. It knows tensors, not tokens:
     state = engine.allocate(batch)                    # zeroed static KV caches on the engine's device
     logits = engine.step(state, input_ids, write_indices, logits_indices)   # caches advanced in place
 
-``input_ids [batch, seq]`` int64 are the new tokens of every row (right-padded), ``write_indices [batch]`` the
+``input_ids [rows, seq]`` int64 are the new tokens of the first ``rows`` rows of the state (``rows <= batch``:
+a step over a half-empty batch costs what its live rows cost), right-padded; ``write_indices [rows]`` the
 position of each row's first new token, ``logits_indices [batch]`` which of the new tokens each row wants logits
 for. ``logits`` come back as a float32 numpy array ``[batch, vocab]``.
 
@@ -101,12 +102,13 @@ class Engine(abc.ABC):
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         write_indices = np.ascontiguousarray(write_indices, dtype=np.int64)
         logits_indices = np.ascontiguousarray(logits_indices, dtype=np.int64)
-        if input_ids.ndim != 2 or input_ids.shape[0] != state_batch:
-            raise ValueError(f"input_ids has shape {input_ids.shape}; expected [{state_batch}, seq]")
-        seq = input_ids.shape[1]
-        if write_indices.shape != (state_batch,) or logits_indices.shape != (state_batch,):
+        if input_ids.ndim != 2 or not 1 <= input_ids.shape[0] <= state_batch or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids has shape {input_ids.shape}; expected [rows, seq] with rows in "
+                             f"[1, {state_batch}] (the state's batch) and seq >= 1")
+        rows, seq = input_ids.shape
+        if write_indices.shape != (rows,) or logits_indices.shape != (rows,):
             raise ValueError(f"write_indices {write_indices.shape} and logits_indices {logits_indices.shape} "
-                             f"must both have shape ({state_batch},)")
+                             f"must both have shape ({rows},)")
         if (write_indices < 0).any() or (write_indices + seq > self.spec.max_context).any():
             raise ValueError(f"write_indices {write_indices.tolist()} + seq {seq} exceed the artifact's "
                              f"max_context {self.spec.max_context}")

@@ -80,6 +80,7 @@ class OnnxRuntimeEngine(Engine):
     def step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
         input_ids, write_indices, logits_indices = self.check_step(state.batch, input_ids, write_indices,
                                                                    logits_indices)
+        rows = input_ids.shape[0]
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, input_ids)
         binding.bind_cpu_input(WRITE_INDICES, write_indices)
@@ -87,10 +88,13 @@ class OnnxRuntimeEngine(Engine):
         # Attention reads only the filled prefix of the static cache: a step at position 64 does not pay for 2048.
         binding.bind_cpu_input(KV_SLOTS, np.arange(write_indices.max() + input_ids.shape[1], dtype=np.int64))
         binding.bind_output(LOGITS, "cpu")  # bound first: get_outputs() follows binding order
+        # The first `rows` rows of a [batch, ...] cache are a contiguous prefix of its buffer: bound by address,
+        # a step over fewer rows reads and writes only theirs.
+        shape = (rows, *self.spec.cache_shape_per_row)
         for layer, caches in enumerate(state.caches):
             for past, present, value in zip(past_names(layer), present_names(layer), caches):
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)  # same buffer: updated in place
+                binding.bind_input(past, self.device, 0, self._np_dtype, shape, value.data_ptr())
+                binding.bind_output(present, self.device, 0, self._np_dtype, shape, value.data_ptr())  # in place
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 

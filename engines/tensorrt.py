@@ -366,7 +366,7 @@ class TensorRTState:
         self.caches = caches
         self.logits = logits
         self.decode_inputs = decode_inputs  # fixed addresses, so a captured graph can be replayed
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode graphs by number of rows stepped
 
 
 class TensorRTEngine(Engine):
@@ -450,8 +450,9 @@ class TensorRTEngine(Engine):
         self._stream.synchronize()
         return TensorRTState(batch, caches, logits, decode_inputs)
 
-    def _bind(self, profile: int, inputs: dict[str, torch.Tensor], state: TensorRTState) -> bool:
-        """Point the context at these tensors; calls TensorRT only for what changed. True if anything did."""
+    def _bind(self, profile: int, inputs: dict[str, torch.Tensor], state: TensorRTState, rows: int) -> bool:
+        """Point the context at these tensors (the first ``rows`` rows of the state's caches, a contiguous prefix
+        of each buffer); calls TensorRT only for what changed. True if anything did."""
         changed = False
         stream = self._stream.cuda_stream
         if self._profile != profile:
@@ -460,10 +461,10 @@ class TensorRTEngine(Engine):
                                   + "; ".join(self._logger.errors))
             # Shapes belong to a profile; bind everything again after a switch.
             self._profile, self._shapes, self._addresses, changed = profile, {}, {}, True
-        input_tensors, output_tensors = dict(inputs), {LOGITS: state.logits}
+        input_tensors, output_tensors = dict(inputs), {LOGITS: state.logits[:rows]}
         for layer, (k, v) in enumerate(state.caches):
             for past, present, cache in zip(past_names(layer), present_names(layer), (k, v)):
-                input_tensors[past] = output_tensors[present] = cache  # in-place update: one buffer for both
+                input_tensors[past] = output_tensors[present] = cache[:rows]  # in place: one buffer for both
         for name, tensor in input_tensors.items():
             shape = tuple(tensor.shape)
             if self._shapes.get(name) != shape:
@@ -483,8 +484,8 @@ class TensorRTEngine(Engine):
         if not self._context.execute_async_v3(self._stream.cuda_stream):
             raise EngineError("TensorRT execute_async_v3 failed: " + "; ".join(self._logger.errors[-5:]))
 
-    def _capture(self, state: TensorRTState) -> None:
-        """Record the decode step of this state in a CUDA graph; on failure, run eagerly from now on."""
+    def _capture(self, state: TensorRTState, rows: int) -> None:
+        """Record the decode step of this state over ``rows`` rows in a CUDA graph; on failure, run eagerly."""
         if hasattr(self._context, "is_stream_capturable") and not self._context.is_stream_capturable(
                 self._stream.cuda_stream):
             log.warning("tensorrt: this execution context cannot be captured in a CUDA graph; decoding eagerly")
@@ -500,13 +501,13 @@ class TensorRTEngine(Engine):
             log.warning("tensorrt: CUDA graph capture of the decode step failed (%s); decoding eagerly", e)
             self._use_cuda_graphs = False
             return
-        state.graph = graph
+        state.graphs[rows] = graph
 
     def step(self, state: TensorRTState, input_ids: np.ndarray, write_indices: np.ndarray,
              logits_indices: np.ndarray) -> np.ndarray:
         input_ids, write_indices, logits_indices = self.check_step(state.batch, input_ids, write_indices,
                                                                    logits_indices)
-        decode = input_ids.shape[1] == 1
+        rows, decode = input_ids.shape[0], input_ids.shape[1] == 1
         if input_ids.shape[1] > self._prefill_max_seq:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per row; the plan's prefill profile takes "
                              f"at most {self._prefill_max_seq} (prefill longer prompts in chunks)")
@@ -514,24 +515,25 @@ class TensorRTEngine(Engine):
         self.last_step_used_graph = False
         with torch.cuda.stream(self._stream):
             if decode:
-                inputs = state.decode_inputs
+                inputs = {name: buffer[:rows] if name != KV_SLOTS else buffer
+                          for name, buffer in state.decode_inputs.items()}
                 for name, array in host.items():
                     inputs[name].copy_(torch.from_numpy(array))
             else:
                 inputs = {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
                 inputs[KV_SLOTS] = state.decode_inputs[KV_SLOTS]  # the same all-slots range as decode
-            changed = self._bind(1 if decode else 0, inputs, state)
+            changed = self._bind(1 if decode else 0, inputs, state, rows)
             if decode and self._use_cuda_graphs and not changed:
                 # TensorRT needs one eager enqueue after any shape/address/profile change before capture or
                 # replay is valid, which the `changed` step before this one did.
-                if state.graph is None:
-                    self._capture(state)
-                if state.graph is not None:
-                    state.graph.replay()
+                if rows not in state.graphs:
+                    self._capture(state, rows)
+                if rows in state.graphs:
+                    state.graphs[rows].replay()
                     self.last_step_used_graph = True
             if not self.last_step_used_graph:
                 self._execute()
-            logits = state.logits.cpu()  # waits for the stream
+            logits = state.logits[:rows].cpu()  # waits for the stream
         return logits.numpy()
 
     def read_cache(self, state: TensorRTState) -> list[tuple[np.ndarray, np.ndarray]]:

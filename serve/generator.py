@@ -311,8 +311,10 @@ class Batch:
     Every ``step`` is one engine call over all rows. A live sequence writes up to ``width`` of its pending tokens at
     its own position; the width is the longest pending run, capped so that every live row stays inside
     ``max_context`` (and by ``max_step_tokens``, for a scheduler that wants to chunk long prompts so running
-    sequences keep streaming). A prompt longer than the width is prefilled over several steps. Free rows write a pad
-    token at slot 0: their cache is dead, and a new sequence's prefill overwrites it from slot 0. Tokens right-padded
+    sequences keep streaming). A prompt longer than the width is prefilled over several steps. A step runs only the
+    rows up to the last live one (new sequences take the lowest free row), so a lone request costs one row, not
+    the whole batch. Free rows below it write a pad token at slot 0: their cache is dead, and a new sequence's
+    prefill overwrites it from slot 0. Tokens right-padded
     past a row's real ones land in slots after its position, which attention masks until real tokens overwrite
     them, so each row computes exactly what it would alone.
     """
@@ -347,12 +349,12 @@ class Batch:
         max_context = self.engine.spec.max_context
         width = min(max(len(seq.pending) for seq in live), min(max_context - seq.position for seq in live),
                     self.max_step_tokens or max_context)
-        rows = len(self.slots)
+        rows = max(row for row, seq in enumerate(self.slots) if seq is not None) + 1
         input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)
         write_indices = np.zeros(rows, dtype=np.int64)
         logits_indices = np.zeros(rows, dtype=np.int64)
         fed = [0] * rows
-        for row, seq in enumerate(self.slots):
+        for row, seq in enumerate(self.slots[:rows]):
             if seq is None:
                 continue
             chunk = seq.pending[:width]
@@ -362,7 +364,7 @@ class Batch:
             logits_indices[row] = len(chunk) - 1
         logits = self.engine.step(self.state, input_ids, write_indices, logits_indices)
         sampled = []
-        for row, seq in enumerate(self.slots):
+        for row, seq in enumerate(self.slots[:rows]):
             if seq is None:
                 continue
             seq.consumed(fed[row])

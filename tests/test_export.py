@@ -215,3 +215,18 @@ def test_help_names_the_presets_and_examples():
     result = run_export("--help")
     assert result.returncode == 0
     assert "command-r-plus" in result.stdout and "--max-context" in result.stdout and "examples" in result.stdout
+
+
+def test_a_step_over_the_first_rows_leaves_the_others_alone(tiny_engine):
+    """A step may run the first k rows of a state: what a half-empty batch costs is what its live rows cost."""
+    engine, reference = tiny_engine
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 1024, 7).tolist(), rng.integers(0, 1024, 4).tolist()
+    state = engine.allocate(4)
+    first = engine.step(state, parity.right_pad([a[:4], b]), np.array([0, 0]), np.array([3, 3]))  # rows 0-1
+    last = engine.step(state, np.array([a[4:]]), np.array([4]), np.array([2]))  # row 0 alone
+    with torch.no_grad():
+        assert np.abs(last[0] - reference(torch.tensor([a]))[0, -1].numpy()).max() <= 1e-4
+        assert np.abs(first[1] - reference(torch.tensor([b]))[0, -1].numpy()).max() <= 1e-4
+    keys = engine.read_cache(state)[0][0]
+    assert last.shape == (1, 1024) and np.abs(keys[2:]).max() == 0  # rows 2-3 never written

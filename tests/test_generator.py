@@ -90,6 +90,32 @@ def test_sampled_batch_equals_each_alone(gen):
     assert [r.token_ids for r in batch] == [gen.generate(p, **sampling).token_ids for p in prompts]
 
 
+def test_a_batch_steps_only_the_rows_up_to_its_last_live_one(gen):
+    """A lone request in a 4-row batch runs one row per step, not four."""
+    from serve.generator import Batch
+
+    rows_stepped = []
+
+    class RecordingEngine:  # the real engine, with the row count of every step written down
+        spec = gen.engine.spec
+
+        def allocate(self, batch):
+            return gen.engine.allocate(batch)
+
+        def step(self, state, input_ids, write_indices, logits_indices):
+            rows_stepped.append(len(input_ids))
+            return gen.engine.step(state, input_ids, write_indices, logits_indices)
+
+    params = SamplingParams(max_new_tokens=3)
+    batch = Batch(RecordingEngine(), 4, gen.pad_token_id)
+    alone = gen.new_sequence(gen.tokenizer.encode("Hello").ids, params)
+    batch.add(alone)
+    while not alone.finished:
+        batch.step()
+    assert rows_stepped == [1, 1, 1]
+    assert alone.token_ids == gen.generate("Hello", max_new_tokens=3).token_ids
+
+
 def test_prompt_plus_reply_is_clipped_to_max_context(gen):
     prompt = [5] + list(np.random.default_rng(1).integers(13, 1024, 249))  # 250 of max_context 256
     result = gen.generate(prompt, max_new_tokens=100, temperature=1.0, top_k=5, seed=0)
