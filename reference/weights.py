@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import CohereConfig
 from .model import CohereForCausalLM
 
 log = logging.getLogger(__name__)
