@@ -8,7 +8,6 @@ file in the target dtype, so a load never holds two copies of the weights. Pickl
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -18,7 +17,6 @@ from tqdm import tqdm
 
 from .model import CohereForCausalLM
 
-log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
