@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engines import Artifact, ArtifactError, open_engine
-from engines.onnxruntime import OnnxRuntimeEngine
+from engines.onnxruntime import OnnxRuntimeEngine, cuda_available
 from export import parity
 from export.build import ExportError, ExportOptions, build
 from reference import load_model
@@ -230,3 +230,13 @@ def test_a_step_over_the_first_rows_leaves_the_others_alone(tiny_engine):
         assert np.abs(first[1] - reference(torch.tensor([b]))[0, -1].numpy()).max() <= 1e-4
     keys = engine.read_cache(state)[0][0]
     assert last.shape == (1, 1024) and np.abs(keys[2:]).max() == 0  # rows 2-3 never written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(),
+                    reason="ONNX Runtime's CUDA execution provider is not available (needs onnxruntime-gpu and a GPU)")
+def test_cuda_execution_provider_passes_parity(tiny_artifact):
+    engine = open_engine(Artifact.open(tiny_artifact), "onnxruntime-cuda")
+    report = parity.measure(load_model("tiny")[0], engine)
+    print(parity.format_table(report))
+    assert engine.backend == "onnxruntime-cuda" and report["passed"]

@@ -309,3 +309,22 @@ def test_decode_step_time_at_short_and_long_context(tmp_path, record_property):
         ms = (time.perf_counter() - start) / 50 * 1e3
         log.info("decode step at context %d: %.3f ms (CUDA graph: %s)", position, ms, engine.last_step_used_graph)
         record_property(f"decode_ms_at_{position}", ms)
+
+
+@pytest.mark.gpu
+@needs_runtime
+def test_greedy_generation_equals_onnxruntime_fp16(tmp_path):
+    """The TensorRT plan and ONNX Runtime, both on the same fp16 graph, generate the same greedy tokens."""
+    from engines import Artifact, open_engine
+    from export.build import ExportOptions, build
+    from export.parity import greedy
+
+    out = build(ExportOptions(model="tiny", out=tmp_path / "art", dtype="float16", max_batch=3, max_context=128,
+                              engine="tensorrt"))
+    artifact = Artifact.open(out)
+    assert artifact.manifest["parity"]["tensorrt"]["passed"]  # export verified the plan on this GPU
+    prompts = [[5, 17, 42, 99, 3], [5, 300, 12], [5]]
+    tensorrt_engine, onnxruntime_engine = open_engine(artifact, "tensorrt"), open_engine(artifact, "onnxruntime")
+    ours = greedy(tensorrt_engine.step, tensorrt_engine.allocate(3), prompts, 16)
+    theirs = greedy(onnxruntime_engine.step, onnxruntime_engine.allocate(3), prompts, 16)
+    assert ours == theirs
