@@ -55,9 +55,6 @@ def checkpoint(size: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".bench-{size}-", dir=folder.parent))
     try:
         save_checkpoint(tiny_model(config), tmp)
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-             "pad_token_id": config.pad_token_id}) + "\n")
         _write_tokenizer(tmp, config.vocab_size)
         tmp.rename(folder)  # complete or absent: a killed run never leaves a half checkpoint in the cache
     except BaseException:

@@ -131,9 +131,7 @@ def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConf
     if generation.exists():
         shutil.copyfile(generation, tmp / GENERATION_CONFIG)
     else:  # as transformers derives it from config.json
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(
-            {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-             "pad_token_id": config.pad_token_id}, indent=2) + "\n")
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(config.generation_config(), indent=2) + "\n")
 
     manifest = {
         "format_version": FORMAT_VERSION,

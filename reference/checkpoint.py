@@ -102,9 +102,6 @@ def tiny_checkpoint() -> Path:
         save_checkpoint(tiny_model(config), tmp)
         for name, data in assets.items():
             (tmp / name).write_bytes(data)
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                      "pad_token_id": config.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         try:
             tmp.rename(folder)
         except OSError:  # another process made it first: theirs is identical

@@ -65,6 +65,11 @@ class CohereConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def generation_config(self) -> dict:
+        """generation_config.json as transformers derives it from config.json when a checkpoint has none."""
+        return {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id}
+
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "CohereConfig":
         """Build from a checkpoint's config.json dict; errors name the field, the value and ``source``."""

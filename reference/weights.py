@@ -104,12 +104,14 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> No
 
 
 def save_checkpoint(model: CohereForCausalLM, folder: Path) -> None:
-    """Write ``model`` as an HF-format checkpoint folder (config.json + model.safetensors)."""
+    """Write ``model`` as an HF-format checkpoint folder (config.json, generation_config.json, model.safetensors),
+    as transformers' save_pretrained does."""
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     hf_config = {"architectures": ["CohereForCausalLM"], "model_type": "cohere",
                  **{k: v for k, v in c.to_dict().items()}, "hidden_act": "silu",
                  "torch_dtype": str(model.dtype).removeprefix("torch.")}
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(c.generation_config(), indent=2) + "\n")
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     save_file(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})
