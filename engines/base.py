@@ -78,26 +78,47 @@ class EngineError(RuntimeError):
 
 
 class Engine(abc.ABC):
-    """A runtime for one exported decoder graph."""
+    """A runtime for one exported decoder graph, in the shape of Polygraphy's runners: ``step`` checks its inputs
+    once, here, and hands them to the runtime's ``_step``; ``close`` (or leaving a ``with`` block) frees what the
+    runtime holds on purpose rather than leaving it to the garbage collector.
+
+    Every state that ``allocate`` returns has a ``batch`` attribute: the rows it holds.
+    """
 
     spec: GraphSpec
-    backend: str  # what actually runs, e.g. "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"
+    backend: str  # what actually runs, e.g. "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "reference"
 
     @abc.abstractmethod
     def allocate(self, batch: int):
         """A zeroed KV-cache state for ``batch`` rows, living on the engine's device."""
 
-    @abc.abstractmethod
     def step(self, state, input_ids: np.ndarray, write_indices: np.ndarray,
              logits_indices: np.ndarray) -> np.ndarray:
-        """Run one forward over new tokens; returns float32 logits ``[batch, vocab]``, advances ``state``."""
+        """Run one forward over new tokens; returns float32 logits ``[rows, vocab]``, advances ``state``."""
+        input_ids, write_indices, logits_indices = self._check_step(state.batch, input_ids, write_indices,
+                                                                    logits_indices)
+        return self._step(state, input_ids, write_indices, logits_indices)
+
+    @abc.abstractmethod
+    def _step(self, state, input_ids: np.ndarray, write_indices: np.ndarray,
+              logits_indices: np.ndarray) -> np.ndarray:
+        """``step`` after its checks: contiguous int64 arrays of consistent shapes, inside the artifact's bounds."""
 
     @abc.abstractmethod
     def read_cache(self, state) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copies of every layer's (key, value) cache, for parity checks."""
 
-    def check_step(self, state_batch: int, input_ids: np.ndarray, write_indices: np.ndarray,
-                   logits_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def close(self) -> None:
+        """Free what the runtime holds (sessions, contexts, streams). The engine cannot step afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_step(self, state_batch: int, input_ids: np.ndarray, write_indices: np.ndarray,
+                    logits_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Validate and normalise step inputs to contiguous int64; errors name the argument."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         write_indices = np.ascontiguousarray(write_indices, dtype=np.int64)

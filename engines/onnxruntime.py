@@ -77,9 +77,7 @@ class OnnxRuntimeEngine(Engine):
 
         return OrtCacheState(batch, [(zeros(), zeros()) for _ in range(self.spec.num_layers)])
 
-    def step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
-        input_ids, write_indices, logits_indices = self.check_step(state.batch, input_ids, write_indices,
-                                                                   logits_indices)
+    def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
         rows = input_ids.shape[0]
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, input_ids)

@@ -503,10 +503,8 @@ class TensorRTEngine(Engine):
             return
         state.graphs[rows] = graph
 
-    def step(self, state: TensorRTState, input_ids: np.ndarray, write_indices: np.ndarray,
+    def _step(self, state: TensorRTState, input_ids: np.ndarray, write_indices: np.ndarray,
              logits_indices: np.ndarray) -> np.ndarray:
-        input_ids, write_indices, logits_indices = self.check_step(state.batch, input_ids, write_indices,
-                                                                   logits_indices)
         rows, decode = input_ids.shape[0], input_ids.shape[1] == 1
         if input_ids.shape[1] > self._prefill_max_seq:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per row; the plan's prefill profile takes "
