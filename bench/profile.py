@@ -20,7 +20,7 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
     """Prefill ``prompt_tokens`` at batch 1, then profile ``steps`` decode steps; per-op-type milliseconds per step
     (medians over the steps), and how much of a step no kernel accounts for (IO binding, Python, ORT's scheduling)."""
     opened = Artifact.open(artifact)
-    engine = OnnxRuntimeEngine(opened.path(opened.manifest["onnx"]["file"]), opened.spec, "cpu",
+    engine = OnnxRuntimeEngine(opened.path(opened.manifest.graph.onnx_file), opened.spec, "cpu",
                                profile_prefix=str(out / "ort-profile"))
 
     rng = np.random.default_rng(1)

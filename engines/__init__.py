@@ -20,20 +20,19 @@ def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend in ("auto", "tensorrt"):
-        section = artifact.manifest.get("tensorrt") or {}
-        if section.get("built"):  # only then import the TensorRT runtime (and torch, its device allocator)
+        section = artifact.manifest.tensorrt
+        if section.built:  # only then import the TensorRT runtime (and torch, its device allocator)
             from . import tensorrt
 
-            why = tensorrt.plan_unusable_reason(section)
+            why = tensorrt.plan_unusable_reason(section.plan)
             if why is None:
-                return tensorrt.TensorRTEngine(artifact.folder, artifact.spec, section)
+                return tensorrt.TensorRTEngine(artifact.folder, artifact.spec, section.plan)
         else:
-            why = "the artifact holds no TensorRT plan" + (f" ({section['reason']})" if section.get("reason")
-                                                             else "")
+            why = "the artifact holds no TensorRT plan" + (f" ({section.reason})" if section.reason else "")
         if backend == "tensorrt":
             raise EngineError(f"backend 'tensorrt': {why}")
         log.info("not using TensorRT: %s", why)
     from .onnxruntime import OnnxRuntimeEngine
 
     device = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda"}.get(backend, "auto")
-    return OnnxRuntimeEngine(artifact.path(artifact.manifest["onnx"]["file"]), artifact.spec, device=device)
+    return OnnxRuntimeEngine(artifact.path(artifact.manifest.graph.onnx_file), artifact.spec, device=device)

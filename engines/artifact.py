@@ -1,7 +1,12 @@
-"""Reading an artifact folder: the contract between ``export`` (which writes it) and every runtime.
+"""The artifact folder: the contract between ``export`` (which writes it) and every runtime (which reads it).
 
-``manifest.json`` names every file in the folder with its sha256; opening an artifact checks them all, so a
-changed, truncated or missing file is refused before anything runs.
+``manifest.json`` is a ``Manifest``: typed sections that export fills and everyone reads as attributes. It names
+every file in the folder with its sha256; ``Artifact.open`` checks them all once, so a changed, truncated or
+missing file is refused before anything runs, and no engine hashes a file again.
+
+A manifest is input like any other: every field is checked against its declared type on read, and every file it
+names must be a plain file name inside the folder. A malformed manifest is an ``ArtifactError`` naming the field,
+never a KeyError from deep inside a runtime.
 """
 
 from __future__ import annotations
@@ -9,17 +14,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 from .base import GraphSpec
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ArtifactError(ValueError):
-    """An artifact folder that cannot be used as it is; the message names the file."""
+    """An artifact folder that cannot be used as it is; the message names the file or field."""
 
 
 def sha256_file(path: Path, progress: Callable[[int], object] | None = None, chunk: int = 1 << 24) -> str:
@@ -33,46 +40,243 @@ def sha256_file(path: Path, progress: Callable[[int], object] | None = None, chu
     return digest.hexdigest()
 
 
+def plain_file_name(name: object, where: str) -> str:
+    """``name`` if it names a file directly inside a folder (no separators, no ``..``); else ArtifactError."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        raise ArtifactError(f"{where}: {name!r} is not a plain file name inside the artifact folder")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The checkpoint the artifact was exported from."""
+
+    model: str  # what the user named: a preset, a folder or a hub id
+    folder: str  # the local checkpoint folder it resolved to
+    files: dict[str, str]  # checkpoint file name -> sha256
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """The ONNX graph: its file, opset, and the IO every engine binds (declared by ``spec``)."""
+
+    spec: GraphSpec
+    opset: int
+    onnx_file: str
+    inputs: dict[str, dict]  # name -> {"shape": [...], "dtype": str}
+    outputs: dict[str, dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTPlan:
+    """A built TensorRT plan and what it was built with and for."""
+
+    module: str  # "tensorrt" or "tensorrt_rtx"
+    version: str
+    gpu: dict | None  # {"name", "compute_capability"} of the build machine; None for an offline TRT-RTX build
+    compute_capability_targets: list | str | None
+    profiles: list[dict]  # [{"name", "shapes": {input: {"min", "opt", "max"}}}], in profile index order
+    native_layers: dict[str, int]
+    attention_decomposable: bool
+    plan_file: str
+    plan_sha256: str
+    build_log_file: str
+    timing_cache_file: str | None
+    build_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRT:
+    """Whether the artifact holds a plan: ``plan`` when built, else ``reason`` says why not."""
+
+    plan: TensorRTPlan | None = None
+    reason: str | None = None
+
+    @property
+    def built(self) -> bool:
+        return self.plan is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    """Parity measured at build time: one report per backend that ran (``export.parity``'s JSON-ready report),
+    backends that could not run with why, or why nothing was measured."""
+
+    reports: dict[str, dict] = dataclasses.field(default_factory=dict)
+    unmeasured: dict[str, str] = dataclasses.field(default_factory=dict)  # backend -> why it did not run
+    skipped: str | None = None  # why verification did not run at all (--skip-verify)
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    seconds: float
+    weight_bytes: int
+    peak_rss_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    created: str
+    source: Source
+    config: dict  # the model's CohereConfig, as CohereConfig.to_dict() writes it
+    graph: Graph
+    tensorrt: TensorRT
+    parity: Parity
+    build: Build
+    tools: dict[str, str]
+    files: dict[str, FileEntry]  # every file of the folder but the manifest itself
+
+    def to_dict(self) -> dict:
+        return _to_json(self)
+
+    @classmethod
+    def from_dict(cls, raw: object, where: str = MANIFEST) -> "Manifest":
+        """Parse and type-check a manifest; errors name the field (``graph.spec.max_context``)."""
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{where}: expected a JSON object, found {type(raw).__name__}")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"{where}: format_version {version!r}; this release reads {FORMAT_VERSION}. "
+                                "Re-export with this release.")
+        manifest = _parse(cls, raw, where)
+        for name in manifest.files:
+            plain_file_name(name, f"{where}: files")
+        for field, name in [("graph.onnx_file", manifest.graph.onnx_file)] + (
+                [("tensorrt.plan.plan_file", manifest.tensorrt.plan.plan_file)] if manifest.tensorrt.built else []):
+            if plain_file_name(name, f"{where}: {field}") not in manifest.files:
+                raise ArtifactError(f"{where}: {field} names {name!r}, which the files section does not list")
+        return manifest
+
+
+# ------------------------------------------------------------------------------------------ JSON, type-checked
+
+
+def _to_json(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _parse(kind, raw, where: str):
+    """``raw`` (parsed JSON) as ``kind``: a dataclass, ``X | None``, ``dict[str, X]``, ``list[X]``, or a scalar."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if raw is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _parse(option, raw, where)
+            except ArtifactError as e:
+                errors.append(str(e))
+        if len(errors) == 1:
+            raise ArtifactError(errors[0])
+        raise ArtifactError(f"{where}: {raw!r:.80} is none of {' | '.join(map(_name, options))}")
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{where}: expected an object, found {type(raw).__name__}")
+        hints = typing.get_type_hints(kind)
+        values = {}
+        for field in dataclasses.fields(kind):
+            if field.name in raw:
+                values[field.name] = _parse(hints[field.name], raw[field.name], f"{where}.{field.name}")
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ArtifactError(f"{where}.{field.name} is missing")
+        unknown = sorted(set(raw) - set(values) - {f.name for f in dataclasses.fields(kind)})
+        if unknown:
+            raise ArtifactError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        try:
+            return kind(**values)
+        except (TypeError, ValueError) as e:  # the dataclass's own checks (GraphSpec bounds)
+            raise ArtifactError(f"{where}: {e}") from None
+    if origin is list:
+        if not isinstance(raw, list):
+            raise ArtifactError(f"{where}: expected a list, found {type(raw).__name__}")
+        [item] = typing.get_args(kind)
+        return [_parse(item, value, f"{where}[{i}]") for i, value in enumerate(raw)]
+    if origin is dict:
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{where}: expected an object, found {type(raw).__name__}")
+        _, item = typing.get_args(kind)
+        return {key: _parse(item, value, f"{where}.{key}") for key, value in raw.items()}
+    if kind is dict or kind is list:
+        if not isinstance(raw, kind):
+            raise ArtifactError(f"{where}: expected {'an object' if kind is dict else 'a list'}, found "
+                                f"{type(raw).__name__}")
+        return raw
+    if kind is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ArtifactError(f"{where}: expected a number, found {raw!r:.80}")
+        return float(raw)
+    if kind in (int, str, bool):
+        if type(raw) is not kind:
+            raise ArtifactError(f"{where}: expected {_name(kind)}, found {raw!r:.80}")
+        return raw
+    raise TypeError(f"manifest field type {kind!r} has no parser")  # a bug here, not in the file
+
+
+def _name(kind) -> str:
+    return {int: "an integer", str: "a string", bool: "true or false", float: "a number",
+            type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+# ---------------------------------------------------------------------------------------------------- the folder
+
+
 @dataclasses.dataclass(frozen=True)
 class Artifact:
     folder: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def spec(self) -> GraphSpec:
-        return GraphSpec.from_dict(self.manifest["graph"])
+        return self.manifest.graph.spec
 
     def path(self, name: str) -> Path:
-        if name not in self.manifest["files"]:
+        """The path of a file the manifest lists (and ``open`` verified)."""
+        if name not in self.manifest.files:
             raise ArtifactError(f"{self.folder / MANIFEST} lists no file {name!r}")
         return self.folder / name
 
     @classmethod
     def open(cls, folder: str | Path, verify: bool = True) -> "Artifact":
-        """Read the manifest and (with ``verify``) check every listed file's size and sha256."""
+        """Read and type-check the manifest and (with ``verify``) every listed file's size and sha256."""
         folder = Path(folder)
         manifest_path = folder / MANIFEST
         if not folder.is_dir():
             raise ArtifactError(f"{folder}: not a folder; pass the artifact folder that `python -m export` wrote")
         try:
-            manifest = json.loads(manifest_path.read_text())
+            raw = json.loads(manifest_path.read_text())
         except FileNotFoundError:
             raise ArtifactError(f"{folder}: no {MANIFEST}; is this an artifact folder written by "
                                 "`python -m export`?") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{manifest_path}: not valid JSON ({e})") from None
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ArtifactError(f"{manifest_path}: format_version {version!r}; this release reads "
-                                f"{FORMAT_VERSION}. Re-export with this release.")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ArtifactError(f"{manifest_path}: not valid JSON ({type(e).__name__}: {e})") from None
+        manifest = Manifest.from_dict(raw, str(manifest_path))
         if verify:
-            for name, entry in manifest["files"].items():
+            for name, entry in manifest.files.items():
                 path = folder / name
-                if not path.is_file():
-                    raise ArtifactError(f"{path}: listed in {MANIFEST} but missing")
-                if path.stat().st_size != entry["bytes"]:
-                    raise ArtifactError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}; "
+                if path.is_symlink() or not path.is_file():
+                    raise ArtifactError(f"{path}: listed in {MANIFEST} but missing (or not a plain file)")
+                if path.stat().st_size != entry.bytes:
+                    raise ArtifactError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry.bytes}; "
                                         "the file was changed or truncated. Re-export.")
-                if sha256_file(path) != entry["sha256"]:
+                if sha256_file(path) != entry.sha256:
                     raise ArtifactError(f"{path}: sha256 differs from {MANIFEST}; the file was changed. Re-export.")
         return cls(folder, manifest)

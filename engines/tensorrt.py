@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from engines.artifact import TensorRTPlan
 from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec,
                           past_names, present_names)
 
@@ -212,10 +213,10 @@ def _compute_capability_targets(config) -> list[str] | str | None:
 
 
 def build_plan(onnx_path: Path, spec: GraphSpec, out_dir: Path, prefill_max_seq: int | None = None,
-               decomposable_attention: bool | None = None) -> dict:
+               decomposable_attention: bool | None = None) -> TensorRTPlan:
     """Parse ``onnx_path`` into a strongly typed network, build a plan with a prefill and a decode profile, and
     write ``model.plan``, ``timing.cache`` (full TensorRT only) and ``tensorrt_build.log`` into ``out_dir``.
-    Returns the manifest's TensorRT section.
+    Returns what the manifest records of the plan.
 
     ``decomposable_attention`` lets each attention run as several kernels where TensorRT has no fused one; it
     defaults to on for fp32 (no fused fp32 kernel exists) and off for fp16, where needing it is reported as an
@@ -295,18 +296,20 @@ def build_plan(onnx_path: Path, spec: GraphSpec, out_dir: Path, prefill_max_seq:
     finally:
         (out_dir / BUILD_LOG_FILE).write_text("\n".join(logger.lines) + "\n")
 
-    return {
-        "module": trt.__name__,
-        "version": trt.__version__,
-        "gpu": _gpu(),
-        "compute_capability_targets": _compute_capability_targets(config),
-        "profiles": profiles,
-        "native_layers": {t: counts[t] for t in NATIVE_LAYER_TYPES},
-        "attention_decomposable": decomposable,
-        "files": {"plan": PLAN_FILE, "timing_cache": cache_path and cache_path.name, "build_log": BUILD_LOG_FILE},
-        "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
-        "build_seconds": round(build_seconds, 3),
-    }
+    return TensorRTPlan(
+        module=trt.__name__,
+        version=trt.__version__,
+        gpu=_gpu(),
+        compute_capability_targets=_compute_capability_targets(config),
+        profiles=profiles,
+        native_layers={t: counts[t] for t in NATIVE_LAYER_TYPES},
+        attention_decomposable=decomposable,
+        plan_file=PLAN_FILE,
+        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+        build_log_file=BUILD_LOG_FILE,
+        timing_cache_file=cache_path and cache_path.name,
+        build_seconds=round(build_seconds, 3),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- running
@@ -328,16 +331,16 @@ def runtime_available() -> tuple[bool, str]:
     return True, f"tensorrt {tensorrt.__version__} on {torch.cuda.get_device_name()}"
 
 
-def plan_mismatch(section: dict, module: str, version: str, gpu: dict | None) -> str | None:
-    """Why a plan described by ``section`` cannot be loaded by ``module`` ``version`` on ``gpu``; None if it can.
+def plan_mismatch(plan: TensorRTPlan, module: str, version: str, gpu: dict | None) -> str | None:
+    """Why a plan described by ``plan`` cannot be loaded by ``module`` ``version`` on ``gpu``; None if it can.
 
     TensorRT plans are tied to the exact TensorRT version and (for the full TensorRT) to the GPU's compute
     capability; deserialising a foreign plan fails deep inside TensorRT, or worse, so check first.
     """
-    if section.get("module") != module or section.get("version") != version:
-        return (f"the plan was built by {section.get('module')} {section.get('version')} but this is {module} "
+    if plan.module != module or plan.version != version:
+        return (f"the plan was built by {plan.module} {plan.version} but this is {module} "
                 f"{version}; rebuild the TensorRT artifact here")
-    built_on = section.get("gpu")
+    built_on = plan.gpu
     if built_on is None:
         return "the plan was built without a GPU (an offline TensorRT-RTX build); rebuild it on this GPU"
     if gpu is None or built_on.get("compute_capability") != gpu["compute_capability"]:
@@ -347,14 +350,14 @@ def plan_mismatch(section: dict, module: str, version: str, gpu: dict | None) ->
     return None
 
 
-def plan_unusable_reason(section: dict) -> str | None:
+def plan_unusable_reason(plan: TensorRTPlan) -> str | None:
     """Why the artifact's (built) TensorRT plan cannot run here; None when it can."""
     ok, why = runtime_available()
     if not ok:
         return why
     import tensorrt as trt
 
-    return plan_mismatch(section, trt.__name__, trt.__version__, _gpu())
+    return plan_mismatch(plan, trt.__name__, trt.__version__, _gpu())
 
 
 class TensorRTState:
@@ -374,7 +377,7 @@ class TensorRTEngine(Engine):
 
     backend = "tensorrt"
 
-    def __init__(self, folder: Path, spec: GraphSpec, section: dict, use_cuda_graphs: bool = True):
+    def __init__(self, folder: Path, spec: GraphSpec, section: TensorRTPlan, use_cuda_graphs: bool = True):
         ok, why = runtime_available()
         if not ok:
             raise EngineError(f"cannot run a TensorRT plan here: {why}")
@@ -383,12 +386,12 @@ class TensorRTEngine(Engine):
         self._trt = trt
         self.spec = spec
         self.device = torch.device("cuda", torch.cuda.current_device())
-        plan_path = Path(folder) / section["files"]["plan"]
+        plan_path = Path(folder) / section.plan_file
         mismatch = plan_mismatch(section, trt.__name__, trt.__version__, _gpu())
         if mismatch:
             raise EngineError(f"{plan_path}: {mismatch}")
         plan = plan_path.read_bytes()
-        if hashlib.sha256(plan).hexdigest() != section["plan_sha256"]:
+        if hashlib.sha256(plan).hexdigest() != section.plan_sha256:
             raise EngineError(f"{plan_path}: sha256 differs from the manifest's plan_sha256; the file was changed "
                               "or truncated, rebuild the artifact")
 
@@ -398,12 +401,12 @@ class TensorRTEngine(Engine):
         if self._engine is None:
             raise EngineError(f"TensorRT could not deserialise {plan_path}: " + "; ".join(self._logger.errors))
         self._check_engine_io(plan_path)
-        names = [p["name"] for p in section["profiles"]]
+        names = [p["name"] for p in section.profiles]
         if names != [PREFILL, DECODE] or self._engine.num_optimization_profiles != 2:
             raise EngineError(f"{plan_path}: expected profiles [{PREFILL}, {DECODE}], the manifest lists {names} "
                               f"and the plan has {self._engine.num_optimization_profiles}")
 
-        self._prefill_max_seq = section["profiles"][0]["shapes"][INPUT_IDS]["max"][1]
+        self._prefill_max_seq = section.profiles[0]["shapes"][INPUT_IDS]["max"][1]
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise EngineError(f"TensorRT could not create an execution context for {plan_path} (out of GPU "

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engines.artifact import FORMAT_VERSION, MANIFEST, sha256_file
+from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph, Manifest, Parity, Source, TensorRT,
+                              sha256_file)
 from engines.base import GraphSpec
 from reference import CohereConfig, load_checkpoint, resolve_checkpoint
 from reference.weights import checkpoint_files
@@ -103,10 +104,10 @@ def build(opts: ExportOptions) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest = _build_into(tmp, opts, folder, config, spec)
-        manifest["build"] = {"seconds": round(time.perf_counter() - started, 2), "weight_bytes": weight_bytes,
-                             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        _write_manifest(tmp, manifest)
+        sections = _build_into(tmp, opts, folder, config, spec)
+        build_info = Build(seconds=round(time.perf_counter() - started, 2), weight_bytes=weight_bytes,
+                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        _write_manifest(tmp, sections, build_info)
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
         _replace(tmp, out)
     except BaseException:
@@ -133,20 +134,18 @@ def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConf
     else:  # as transformers derives it from config.json
         (tmp / GENERATION_CONFIG).write_text(json.dumps(config.generation_config(), indent=2) + "\n")
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": opts.model, "folder": str(folder.resolve()),
-                   "files": _hash_files(sorted(_source_files(folder)), "hashing the checkpoint")},
-        "config": config.to_dict(),
-        "graph": {**spec.to_dict(), "opset": OPSET, **spec.io()},
-        "onnx": {"file": ONNX_FILE},
-        "tools": _tool_versions(),
-    }
-    manifest["tensorrt"] = _maybe_build_tensorrt(tmp, opts, spec)
-    manifest["parity"] = _verify(tmp, folder, spec, manifest["tensorrt"]) if opts.verify else {"skipped": True,
-                                                                           "reason": "--skip-verify"}
-    return manifest
+    tensorrt = _maybe_build_tensorrt(tmp, opts, spec)
+    return dict(
+        format_version=FORMAT_VERSION,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        source=Source(model=opts.model, folder=str(folder.resolve()),
+                      files=_hash_files(sorted(_source_files(folder)), "hashing the checkpoint")),
+        config=config.to_dict(),
+        graph=Graph(spec=spec, opset=OPSET, onnx_file=ONNX_FILE, **spec.io()),
+        tensorrt=tensorrt,
+        parity=_verify(tmp, folder, spec, tensorrt) if opts.verify else Parity(skipped="--skip-verify"),
+        tools=_tool_versions(),
+    )
 
 
 def _source_files(folder: Path) -> list[Path]:
@@ -154,21 +153,21 @@ def _source_files(folder: Path) -> list[Path]:
         *CHECKPOINT_FILES, GENERATION_CONFIG, "model.safetensors.index.json"))]
 
 
-def _maybe_build_tensorrt(tmp: Path, opts: ExportOptions, spec: GraphSpec) -> dict:
+def _maybe_build_tensorrt(tmp: Path, opts: ExportOptions, spec: GraphSpec) -> TensorRT:
     if opts.engine == "onnx":
-        return {"built": False, "reason": "--engine onnx"}
+        return TensorRT(reason="--engine onnx")
     from engines import tensorrt
 
     if opts.engine == "auto":
         runnable, why = tensorrt.runtime_available()
         if not runnable:
             log.info("TensorRT engine not built: %s (ask for one with --engine tensorrt)", why)
-            return {"built": False, "reason": why}
+            return TensorRT(reason=why)
     log.info("building the TensorRT engine")
-    return {"built": True, **tensorrt.build_plan(tmp / ONNX_FILE, spec, tmp)}
+    return TensorRT(plan=tensorrt.build_plan(tmp / ONNX_FILE, spec, tmp))
 
 
-def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: dict) -> dict:
+def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: TensorRT) -> Parity:
     """Parity of every engine that can run here, keyed by backend; a plan that cannot run says why."""
     from engines import tensorrt
     from engines.onnxruntime import OnnxRuntimeEngine
@@ -176,14 +175,14 @@ def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: dict) ->
     log.info("verifying parity against the fp32 reference")
     reference, _ = load_checkpoint(folder, torch.float32)
     engines = [OnnxRuntimeEngine(tmp / ONNX_FILE, spec)]
-    results = {}
-    if tensorrt_section.get("built"):
-        why = tensorrt.plan_unusable_reason(tensorrt_section)
+    reports, unmeasured = {}, {}
+    if tensorrt_section.built:
+        why = tensorrt.plan_unusable_reason(tensorrt_section.plan)
         if why is None:
-            engines.append(tensorrt.TensorRTEngine(tmp, spec, tensorrt_section))
+            engines.append(tensorrt.TensorRTEngine(tmp, spec, tensorrt_section.plan))
         else:
             log.warning("TensorRT plan not verified: %s", why)
-            results["tensorrt"] = {"measured": False, "reason": why}
+            unmeasured["tensorrt"] = why
     for engine in engines:
         report = parity.measure(reference, engine)
         print(parity.format_table(report))
@@ -192,15 +191,16 @@ def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: dict) ->
             raise ExportError(f"{engine.backend} parity check failed ({failed}) past the {spec.dtype} tolerance; "
                               "nothing was written. Use --skip-verify to write the artifact anyway (recorded in "
                               "its manifest).")
-        results[engine.backend] = report
-    return results
+        reports[engine.backend] = report
+    return Parity(reports=reports, unmeasured=unmeasured)
 
 
-def _write_manifest(tmp: Path, manifest: dict) -> None:
+def _write_manifest(tmp: Path, sections: dict, build_info: Build) -> None:
     paths = sorted(p for p in tmp.iterdir() if p.is_file())
     hashes = _hash_files(paths, "hashing the artifact")
-    manifest["files"] = {p.name: {"sha256": hashes[p.name], "bytes": p.stat().st_size} for p in paths}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    files = {p.name: FileEntry(sha256=hashes[p.name], bytes=p.stat().st_size) for p in paths}
+    manifest = Manifest(**sections, build=build_info, files=files)
+    (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
 def _hash_files(paths: list[Path], desc: str) -> dict[str, str]:

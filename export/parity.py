@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         artifact = Artifact.open(args.artifact)
         engine = open_engine(artifact, args.backend)
-        reference, _ = load_model(args.model or artifact.manifest["source"]["model"], torch.float32)
+        reference, _ = load_model(args.model or artifact.manifest.source.model, torch.float32)
         report = measure(reference, engine, args.seed)
     except (ArtifactError, EngineError, ConfigError, CheckpointError, ModelNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

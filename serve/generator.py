@@ -418,7 +418,7 @@ class Generator:
         except ValueError as e:
             raise ArtifactError(f"{self.artifact.path('generation_config.json')}: {e}") from None
         self.stop_token_ids = frozenset(self._stop_token_ids(generation_config))
-        model_config = self.artifact.manifest.get("config", {})
+        model_config = self.artifact.manifest.config
         pad = generation_config.get("pad_token_id", model_config.get("pad_token_id"))
         self.pad_token_id = pad if isinstance(pad, int) and 0 <= pad < self.spec.vocab_size else 0
         log.info("loaded %s on %s (max_batch %d, max_context %d)", self.artifact.folder, self.backend,
@@ -432,7 +432,7 @@ class Generator:
             raise ArtifactError(f"{path}: not valid JSON ({e})") from None
 
     def _stop_token_ids(self, generation_config: dict) -> set[int]:
-        eos = generation_config.get("eos_token_id", self.artifact.manifest.get("config", {}).get("eos_token_id"))
+        eos = generation_config.get("eos_token_id", self.artifact.manifest.config.get("eos_token_id"))
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         end_of_turn = self.tokenizer.token_to_id(END_OF_TURN)
         if end_of_turn is not None:

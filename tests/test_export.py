@@ -27,12 +27,12 @@ def run_export(*args):
 def test_tiny_artifact_is_complete_and_verified(tiny_artifact):
     artifact = Artifact.open(tiny_artifact)  # checks every file's sha256
     m = artifact.manifest
-    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json",
-                               "tokenizer_config.json", "generation_config.json"}
-    assert m["parity"]["onnxruntime-cpu"]["passed"]
-    assert m["graph"]["inputs"]["past_key_0"] == {"shape": ["batch", 2, 256, 32], "dtype": "float32"}
-    assert m["tensorrt"] == {"built": False, "reason": "--engine onnx"}
-    assert m["source"]["files"]["model.safetensors"] and m["tools"]["onnxruntime"]
+    assert set(m.files) == {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json",
+                            "tokenizer_config.json", "generation_config.json"}
+    assert m.parity.reports["onnxruntime-cpu"]["passed"]
+    assert m.graph.inputs["past_key_0"] == {"shape": ["batch", 2, 256, 32], "dtype": "float32"}
+    assert not m.tensorrt.built and m.tensorrt.reason == "--engine onnx"
+    assert m.source.files["model.safetensors"] and m.tools["onnxruntime"]
     assert not [p for p in tiny_artifact.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
@@ -119,7 +119,7 @@ def test_export_of_transformers_checkpoints_passes_parity(tmp_path, name, dtype)
     folder = save_hf_checkpoint(tmp_path / "ckpt", **CONFIGS[name])
     out = build(ExportOptions(model=str(folder), out=tmp_path / "art", dtype=dtype, max_batch=3, max_context=64,
                               engine="onnx"))
-    report = Artifact.open(out).manifest["parity"]["onnxruntime-cpu"]
+    report = Artifact.open(out).manifest.parity.reports["onnxruntime-cpu"]
     logits = next(r for r in report["rows"] if r["output"] == "logits")
     print(f"\n{name} {dtype}: logits max abs {logits['max_abs']:.3e} (rel {logits['max_rel']:.3e}), "
           f"greedy equal {report['greedy_tokens_equal']}")
@@ -143,7 +143,8 @@ def test_failed_parity_writes_nothing_and_keeps_the_previous_artifact(tmp_path, 
 def test_skip_verify_is_recorded(tmp_path):
     out = build(ExportOptions(model="tiny", out=tmp_path / "art", max_batch=1, max_context=32, engine="onnx",
                               verify=False))
-    assert Artifact.open(out).manifest["parity"] == {"skipped": True, "reason": "--skip-verify"}
+    parity = Artifact.open(out).manifest.parity
+    assert parity.skipped == "--skip-verify" and not parity.reports
 
 
 def test_parity_command_remeasures_an_artifact(tiny_artifact):
@@ -194,10 +195,11 @@ def test_tensorrt_export_builds_a_plan_and_says_why_it_is_not_verified(tmp_path)
     out = build(ExportOptions(model="tiny", out=tmp_path / "art", dtype="float16", max_batch=2, max_context=64,
                               engine="tensorrt"))
     m = Artifact.open(out).manifest
-    assert m["tensorrt"]["built"] and m["files"]["model.plan"]["sha256"] == m["tensorrt"]["plan_sha256"]
-    assert [p["name"] for p in m["tensorrt"]["profiles"]] == ["prefill", "decode"]
-    assert m["parity"]["onnxruntime-cpu"]["passed"]
-    assert m["parity"]["tensorrt"]["measured"] is False and "GPU" in m["parity"]["tensorrt"]["reason"]
+    plan = m.tensorrt.plan
+    assert m.tensorrt.built and m.files["model.plan"].sha256 == plan.plan_sha256
+    assert [p["name"] for p in plan.profiles] == ["prefill", "decode"]
+    assert m.parity.reports["onnxruntime-cpu"]["passed"]
+    assert "tensorrt" not in m.parity.reports and "GPU" in m.parity.unmeasured["tensorrt"]
 
 
 def test_no_disk_space_is_refused_before_writing(tmp_path, monkeypatch):

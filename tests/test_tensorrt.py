@@ -8,7 +8,7 @@ reason ``runtime_available()`` gives. Run ``pytest --log-cli-level=INFO`` to see
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import importlib
 import logging
@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from engines.artifact import TensorRTPlan
 from engines.base import EngineError, GraphSpec
 from engines.tensorrt import (PLAN_FILE, TensorRTEngine, build_plan, plan_mismatch, runtime_available,
                               unsupported_graph_forms)
@@ -89,8 +90,8 @@ def _export_and_build(folder: Path, name: str, dtype: str = "float16", max_batch
                       max_context: int = 128) -> tuple[GraphSpec, dict]:
     spec, onnx_path = _export(folder, name, dtype, max_batch, max_context)
     section = build_plan(onnx_path, spec, folder)
-    log.info("%s %s: built in %.2f s, native layers %s", name, dtype, section["build_seconds"],
-             section["native_layers"])
+    log.info("%s %s: built in %.2f s, native layers %s", name, dtype, section.build_seconds,
+             section.native_layers)
     return spec, section
 
 
@@ -110,20 +111,20 @@ def _expected_native_layers(config: CohereConfig) -> dict:
 def test_fp16_graph_builds_with_native_layers(tmp_path, name):
     config = CONFIGS[name]
     spec, section = _export_and_build(tmp_path, name)
-    assert section["native_layers"] == _expected_native_layers(config)
-    assert [p["name"] for p in section["profiles"]] == ["prefill", "decode"]
-    prefill, decode = (p["shapes"] for p in section["profiles"])
+    assert section.native_layers == _expected_native_layers(config)
+    assert [p["name"] for p in section.profiles] == ["prefill", "decode"]
+    prefill, decode = (p["shapes"] for p in section.profiles)
     assert prefill["input_ids"] == {"min": [1, 1], "opt": [4, 128], "max": [4, 128]}
     assert decode["input_ids"] == {"min": [1, 1], "opt": [4, 1], "max": [4, 1]}
     cache = [config.num_key_value_heads, 128, config.head_dim]
     assert decode["past_value_0"] == {"min": [1, *cache], "opt": [4, *cache], "max": [4, *cache]}
-    assert section["attention_decomposable"] is False
-    plan = (tmp_path / section["files"]["plan"]).read_bytes()
+    assert section.attention_decomposable is False
+    plan = (tmp_path / section.plan_file).read_bytes()
     assert plan, "the plan file is empty"
-    assert hashlib.sha256(plan).hexdigest() == section["plan_sha256"]
-    if section["module"] == "tensorrt":  # TRT-RTX does not time kernels at build time: no timing cache
-        assert (tmp_path / section["files"]["timing_cache"]).stat().st_size > 0
-    build_log = (tmp_path / section["files"]["build_log"]).read_text()
+    assert hashlib.sha256(plan).hexdigest() == section.plan_sha256
+    if section.module == "tensorrt":  # TRT-RTX does not time kernels at build time: no timing cache
+        assert (tmp_path / section.timing_cache_file).stat().st_size > 0
+    build_log = (tmp_path / section.build_log_file).read_text()
     assert "[ERROR]" not in build_log and "[INTERNAL_ERROR]" not in build_log
 
 
@@ -135,9 +136,9 @@ def test_fewer_than_four_heads_need_decomposable_attention(tmp_path):
     with pytest.raises(EngineError, match="no fused attention kernel.*decomposable_attention=True"):
         build_plan(onnx_path, spec, tmp_path)
     section = build_plan(onnx_path, spec, tmp_path, decomposable_attention=True)
-    assert section["attention_decomposable"] is True
-    assert section["native_layers"] == _expected_native_layers(CONFIGS["odd_heads_3_kv_1"])
-    assert hashlib.sha256((tmp_path / PLAN_FILE).read_bytes()).hexdigest() == section["plan_sha256"]
+    assert section.attention_decomposable is True
+    assert section.native_layers == _expected_native_layers(CONFIGS["odd_heads_3_kv_1"])
+    assert hashlib.sha256((tmp_path / PLAN_FILE).read_bytes()).hexdigest() == section.plan_sha256
 
 
 @needs_builder
@@ -146,7 +147,7 @@ def test_prefill_max_seq_bounds_the_prefill_profile(tmp_path):
     spec = _spec(config, "float16", max_batch=2, max_context=64)
     onnx_path = export_onnx(_model("tiny", config, torch.float16), spec, tmp_path)
     section = build_plan(onnx_path, spec, tmp_path, prefill_max_seq=16)
-    assert section["profiles"][0]["shapes"]["input_ids"] == {"min": [1, 1], "opt": [2, 16], "max": [2, 16]}
+    assert section.profiles[0]["shapes"]["input_ids"] == {"min": [1, 1], "opt": [2, 16], "max": [2, 16]}
     with pytest.raises(EngineError, match="prefill_max_seq 65"):
         build_plan(onnx_path, spec, tmp_path, prefill_max_seq=65)
 
@@ -154,8 +155,8 @@ def test_prefill_max_seq_bounds_the_prefill_profile(tmp_path):
 @needs_builder
 def test_fp32_graph_builds_with_decomposable_attention(tmp_path):
     spec, section = _export_and_build(tmp_path, "tiny", dtype="float32", max_batch=2, max_context=64)
-    assert section["attention_decomposable"] is True
-    assert section["native_layers"]["ATTENTION"] == spec.num_layers
+    assert section.attention_decomposable is True
+    assert section.native_layers["ATTENTION"] == spec.num_layers
     assert (tmp_path / PLAN_FILE).stat().st_size > 0
 
 
@@ -197,15 +198,22 @@ def test_graph_forms_that_would_compute_wrongly_are_named():
     assert any("nonpad_kv_seqlen" in p for p in problems) and any("is_causal=1" in p for p in problems)
 
 
+def _plan(**fields) -> TensorRTPlan:
+    return TensorRTPlan(**{**dict(compute_capability_targets=None, profiles=[], native_layers={},
+                                  attention_decomposable=False, plan_file="model.plan", plan_sha256="",
+                                  build_log_file="tensorrt_build.log", timing_cache_file=None, build_seconds=0.0),
+                           **fields})
+
+
 def test_plan_mismatch_names_what_differs():
     h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    section = {"module": "tensorrt", "version": "10.15.1", "gpu": h100}
+    section = _plan(module="tensorrt", version="10.15.1", gpu=h100)
     assert plan_mismatch(section, "tensorrt", "10.15.1", h100) is None
     assert "built by tensorrt 10.15.1 but this is tensorrt 10.16.0" in plan_mismatch(section, "tensorrt",
                                                                                       "10.16.0", h100)
     l40 = {"name": "NVIDIA L40S", "compute_capability": "8.9"}
     assert "compute capability 9.0" in plan_mismatch(section, "tensorrt", "10.15.1", l40)
-    offline = {"module": "tensorrt_rtx", "version": "1.7.1.116", "gpu": None}
+    offline = _plan(module="tensorrt_rtx", version="1.7.1.116", gpu=None)
     assert "built by tensorrt_rtx" in plan_mismatch(offline, "tensorrt", "10.15.1", h100)
 
 
@@ -282,12 +290,10 @@ def test_tiny_engine_matches_the_fp32_reference(tmp_path):
 @needs_runtime
 def test_plan_from_another_version_is_refused(tmp_path):
     spec, section = _export_and_build(tmp_path, "tiny", max_batch=1, max_context=64)
-    tampered = copy.deepcopy(section)
-    tampered["version"] = "0.0.0"
+    tampered = dataclasses.replace(section, version="0.0.0")
     with pytest.raises(EngineError, match="built by tensorrt 0.0.0"):
         TensorRTEngine(tmp_path, spec, tampered)
-    tampered = copy.deepcopy(section)
-    tampered["gpu"]["compute_capability"] = "1.0"
+    tampered = dataclasses.replace(section, gpu={**section.gpu, "compute_capability": "1.0"})
     with pytest.raises(EngineError, match="compute capability 1.0"):
         TensorRTEngine(tmp_path, spec, tampered)
 
@@ -322,7 +328,7 @@ def test_greedy_generation_equals_onnxruntime_fp16(tmp_path):
     out = build(ExportOptions(model="tiny", out=tmp_path / "art", dtype="float16", max_batch=3, max_context=128,
                               engine="tensorrt"))
     artifact = Artifact.open(out)
-    assert artifact.manifest["parity"]["tensorrt"]["passed"]  # export verified the plan on this GPU
+    assert artifact.manifest.parity.reports["tensorrt"]["passed"]  # export verified the plan on this GPU
     prompts = [[5, 17, 42, 99, 3], [5, 300, 12], [5]]
     tensorrt_engine, onnxruntime_engine = open_engine(artifact, "tensorrt"), open_engine(artifact, "onnxruntime")
     ours = greedy(tensorrt_engine.step, tensorrt_engine.allocate(3), prompts, 16)
