@@ -1,7 +1,7 @@
 """Run a TensorRT plan on a GPU: ``TensorRTEngine``; ``engines.tensorrt_build`` builds the plan.
 
 Running needs the full ``tensorrt`` module (TensorRT 10.15 to 11.x) and a CUDA GPU; ``runtime_available()`` says
-why not. This module imports neither at import time, so it loads anywhere.
+why not. ``tensorrt`` is imported inside the functions that need it, so this module loads anywhere.
 
 Each ``present_*`` output of the plan aliases its ``past_*`` input: the engine binds both to one cache buffer per
 layer, which TensorRT's KV-cache update layer writes in place.
