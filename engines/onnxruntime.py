@@ -28,6 +28,19 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def execution_providers(device: str, dtype: str) -> list:
+    """The providers (with options) for a session on ``device`` running a ``dtype`` graph.
+
+    The CUDA execution provider's ``use_tf32`` defaults to 1: fp32 MatMul/Gemm round their inputs to 10-bit
+    mantissas, which moves fp32 logits past the 1e-4 fp32 parity tolerance, so fp32 graphs turn it off (as the
+    TensorRT build clears ``BuilderFlag.TF32``). fp16 graphs keep the provider's defaults.
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda_options = {"use_tf32": "0"} if dtype == "float32" else {}
+    return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+
+
 @dataclasses.dataclass
 class OrtCacheState:
     batch: int
@@ -55,8 +68,7 @@ class OnnxRuntimeEngine(Engine):
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else [
-            "CPUExecutionProvider"]
+        providers = execution_providers(device, spec.dtype)
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile classes
@@ -78,6 +90,8 @@ class OnnxRuntimeEngine(Engine):
         return OrtCacheState(batch, [(zeros(), zeros()) for _ in range(self.spec.num_layers)])
 
     def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
+        if self.session is None:
+            raise EngineError("this ONNX Runtime engine is closed; open the artifact again")
         rows = input_ids.shape[0]
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, input_ids)
@@ -98,3 +112,8 @@ class OnnxRuntimeEngine(Engine):
 
     def read_cache(self, state: OrtCacheState) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(k.numpy().copy(), v.numpy().copy()) for k, v in state.caches]
+
+    def close(self) -> None:
+        """Drop the session: ONNX Runtime frees it, with its memory arena (on CUDA, GPU memory), when the last
+        reference goes. The caches of states already allocated belong to those states."""
+        self.session = None

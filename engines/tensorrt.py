@@ -1,24 +1,19 @@
-"""Build an fp16 TensorRT plan from the exported ONNX graph, and run it on a GPU.
+"""Run a TensorRT plan on a GPU: ``TensorRTEngine``; ``engines.tensorrt_build`` builds the plan.
 
-Building (``build_plan``) needs only the ONNX parser and builder: the full ``tensorrt`` module on a GPU machine,
-or ``tensorrt_rtx`` anywhere, CPU included (its plans are portable across RTX-class GPUs, not H100). Running
-(``TensorRTEngine``) needs the full ``tensorrt`` module and a CUDA GPU; ``runtime_available()`` says why not.
+Running needs the full ``tensorrt`` module (TensorRT 10.15 to 11.x) and a CUDA GPU; ``runtime_available()`` says
+why not. ``tensorrt`` is imported inside the functions that need it, so this module loads anywhere.
 
-The graph form is the one in shared/TENSORRT.md: per layer, two ``TensorScatter`` become ``KV_CACHE_UPDATE``
-layers that update a static ``[batch, kv_heads, max_context, head_dim]`` cache in place, so each ``present_*``
-output is bound to the same device address as its ``past_*`` input.
+Each ``present_*`` output of the plan aliases its ``past_*`` input: the engine binds both to one cache buffer per
+layer, which TensorRT's KV-cache update layer writes in place.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
-from collections import Counter
+import weakref
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from engines.artifact import TensorRTPlan
@@ -27,33 +22,10 @@ from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_IND
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "model.plan"
-TIMING_CACHE_FILE = "timing.cache"
-BUILD_LOG_FILE = "tensorrt_build.log"
 PREFILL, DECODE = "prefill", "decode"  # optimisation profile names, in profile index order
-PREFILL_OPT_SEQ = 512  # the prompt length the prefill profile's kernels are tuned for (clamped to its max)
-
-# ONNX op -> the native TensorRT layer it must become, and how many each decoder layer has. Anything else means
-# the parser decomposed the op into generic layers: slower, and for the cache, no in-place update.
-NATIVE_OPS = {"TensorScatter": ("KV_CACHE_UPDATE", 2), "RotaryEmbedding": ("ROTARY_EMBEDDING", 2),
-              "Attention": ("ATTENTION", 1), "LayerNormalization": ("NORMALIZATION", 1)}
-NATIVE_LAYER_TYPES = [layer_type for layer_type, _ in NATIVE_OPS.values()]
 
 
-def _import_trt():
-    """The full TensorRT when installed (it can build and run), else TensorRT-RTX (builds on CPU only)."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        try:
-            import tensorrt_rtx as trt
-        except ImportError:
-            raise EngineError("neither 'tensorrt' nor 'tensorrt_rtx' is installed; pip install tensorrt "
-                              "(NVIDIA's index, GPU machines) or tensorrt-rtx-cu13 (builds plans on CPU)") from None
-    return trt
-
-
-def _make_logger(trt):
+def make_logger(trt):
     """A TensorRT logger that keeps every message (for tensorrt_build.log) and forwards them to ``logging``."""
 
     class RecordingLogger(trt.ILogger):
@@ -78,241 +50,12 @@ def _make_logger(trt):
     return RecordingLogger()
 
 
-def _gpu() -> dict | None:
+def gpu_description() -> dict | None:
+    """The name and compute capability of the current CUDA device; None without one."""
     if not torch.cuda.is_available():
         return None
     major, minor = torch.cuda.get_device_capability()
     return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
-
-
-# ---------------------------------------------------------------------------------------------------- building
-
-
-def unsupported_graph_forms(model: onnx.ModelProto) -> list[str]:
-    """Why TensorRT cannot take (or would silently miscompute) this graph; empty when the form is fine.
-
-    Measured in shared/TENSORRT.md: the parser rejects Attention with past/present tensors or several outputs,
-    ignores ``nonpad_kv_seqlen`` and aligns ``is_causal`` top-left, so a decode step would attend to the wrong
-    keys without any error.
-    """
-    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    problems = []
-    for node in nodes:
-        if node.op_type != "Attention":
-            continue
-        name = node.name or "(unnamed)"
-        inputs = list(node.input) + [""] * (7 - len(node.input))
-        if inputs[4] or inputs[5]:
-            problems.append(f"Attention node '{name}' takes past_key/past_value inputs; TensorRT needs the static "
-                            "cache form (TensorScatter into the cache, then a single-output Attention over it)")
-        if any(node.output[1:]):
-            problems.append(f"Attention node '{name}' has {sum(1 for o in node.output if o)} outputs "
-                            f"({', '.join(o for o in node.output if o)}); TensorRT takes only the first")
-        if inputs[6]:
-            problems.append(f"Attention node '{name}' uses nonpad_kv_seqlen, which the TensorRT parser ignores; "
-                            "use an explicit boolean mask")
-        if any(a.name == "is_causal" and a.i for a in node.attribute):
-            problems.append(f"Attention node '{name}' sets is_causal=1, which TensorRT aligns top-left (wrong for "
-                            "decode); use an explicit boolean mask")
-    return problems
-
-
-def _parser_errors(parser) -> list[str]:
-    errors = []
-    for i in range(parser.num_errors):
-        e = parser.get_error(i)
-        where = f"node {e.node()} '{e.node_name()}' ({e.node_operator()})" if e.node() >= 0 else "graph"
-        errors.append(f"{where}: {e.desc()}")
-    return errors
-
-
-def _profiles(spec: GraphSpec, prefill_max_seq: int) -> list[dict]:
-    """min/opt/max shapes per input for the prefill and decode profiles; caches are static except in batch."""
-    cache = spec.cache_shape_per_row
-    profiles = []
-    for name, max_seq in ((PREFILL, prefill_max_seq), (DECODE, 1)):
-        opt_seq = min(PREFILL_OPT_SEQ, max_seq)
-        shapes = {INPUT_IDS: {"min": [1, 1], "opt": [spec.max_batch, opt_seq], "max": [spec.max_batch, max_seq]}}
-        for vector in (WRITE_INDICES, LOGITS_INDICES):
-            shapes[vector] = {"min": [1], "opt": [spec.max_batch], "max": [spec.max_batch]}
-        # The engine always attends over every slot (one decode shape, so one CUDA graph); see engines/base.py.
-        shapes[KV_SLOTS] = {"min": [spec.max_context]} | {k: [spec.max_context] for k in ("opt", "max")}
-        for layer in range(spec.num_layers):
-            for cache_name in past_names(layer):
-                shapes[cache_name] = {"min": [1, *cache], "opt": [spec.max_batch, *cache],
-                                      "max": [spec.max_batch, *cache]}
-        profiles.append({"name": name, "shapes": shapes})
-    return profiles
-
-
-def _check_network_io(trt, network, spec: GraphSpec) -> None:
-    """The parsed network must have exactly the manifest's IO, with caches static in all dims but batch."""
-    io = spec.io()
-    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    outputs = {network.get_output(i).name: network.get_output(i) for i in range(network.num_outputs)}
-    if set(inputs) != set(io["inputs"]) or set(outputs) != set(io["outputs"]):
-        raise EngineError(f"the ONNX graph's inputs {sorted(inputs)} / outputs {sorted(outputs)} differ from the "
-                          f"GraphSpec's {sorted(io['inputs'])} / {sorted(io['outputs'])}")
-    expected = (-1, *spec.cache_shape_per_row)
-    dtype = {"float16": trt.DataType.HALF, "float32": trt.DataType.FLOAT}[spec.dtype]
-    for layer in range(spec.num_layers):
-        for name in past_names(layer):
-            shape = tuple(inputs[name].shape)
-            if shape != expected:
-                raise EngineError(f"input {name} has shape {shape}; TensorRT's KV-cache update needs {expected} "
-                                  "(only the batch dimension dynamic)")
-            if inputs[name].dtype != dtype:
-                raise EngineError(f"input {name} is {inputs[name].dtype.name}; the GraphSpec says {spec.dtype}")
-
-
-def _native_layer_counts(network) -> Counter:
-    counts = Counter(network.get_layer(i).type.name for i in range(network.num_layers))
-    # One IAttention shows up as an ATTENTION_INPUT and an ATTENTION_OUTPUT boundary layer (IAttentionInputLayer /
-    # IAttentionOutputLayer in TensorRT 10.15+, 11 and TRT-RTX alike); the output layers count the attentions.
-    counts["ATTENTION"] = counts["ATTENTION_OUTPUT"]
-    return counts
-
-
-def _check_native_layers(counts: Counter, onnx_ops: Counter, spec: GraphSpec) -> None:
-    """Every cache update, RoPE, attention and LayerNorm must be one native layer, in the per-layer count."""
-    problems = []
-    for op, (layer_type, per_layer) in NATIVE_OPS.items():
-        if counts[layer_type] != onnx_ops[op]:
-            problems.append(f"{onnx_ops[op]} ONNX {op} nodes became {counts[layer_type]} {layer_type} layers "
-                            "(the rest fell back to generic layers)")
-        # LayerNorm: one per block plus the final norm, plus qk-norm where the model has it.
-        expected_ok = (counts[layer_type] >= per_layer * spec.num_layers + 1 if op == "LayerNormalization"
-                       else counts[layer_type] == per_layer * spec.num_layers)
-        if not expected_ok:
-            problems.append(f"{counts[layer_type]} {layer_type} layers for {spec.num_layers} decoder layers; "
-                            f"expected {per_layer} per decoder layer")
-    if problems:
-        raise EngineError("the network is not in the native form TensorRT needs: " + "; ".join(problems))
-
-
-def _mark_attention_decomposable(trt, network) -> int:
-    """Let each IAttention split into several kernels where no fused kernel fits, instead of failing the build."""
-    marked = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
-            layer.__class__ = trt.IAttentionOutputLayer  # the Python bindings return a plain ILayer
-            layer.attention.decomposable = True
-            marked += 1
-    return marked
-
-
-def _compute_capability_targets(config) -> list[str] | str | None:
-    """What an offline TRT-RTX build targets; None for the full TensorRT (it builds for the GPU it runs on)."""
-    if not hasattr(config, "num_compute_capabilities"):
-        return None
-    if config.num_compute_capabilities == 0:
-        return ("none set: TensorRT-RTX's portable default (Ampere and later per its docs, not Turing; its "
-                "ComputeCapability enum has no SM90, so not H100)")
-    return [config.get_compute_capability(i).name for i in range(config.num_compute_capabilities)]
-
-
-def build_plan(onnx_path: Path, spec: GraphSpec, out_dir: Path, prefill_max_seq: int | None = None,
-               decomposable_attention: bool | None = None) -> TensorRTPlan:
-    """Parse ``onnx_path`` into a strongly typed network, build a plan with a prefill and a decode profile, and
-    write ``model.plan``, ``timing.cache`` (full TensorRT only) and ``tensorrt_build.log`` into ``out_dir``.
-    Returns what the manifest records of the plan.
-
-    ``decomposable_attention`` lets each attention run as several kernels where TensorRT has no fused one; it
-    defaults to on for fp32 (no fused fp32 kernel exists) and off for fp16, where needing it is reported as an
-    error rather than silently building a slower engine.
-    """
-    trt = _import_trt()
-    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    prefill_max_seq = spec.max_context if prefill_max_seq is None else prefill_max_seq
-    if not 1 <= prefill_max_seq <= spec.max_context:
-        raise EngineError(f"prefill_max_seq {prefill_max_seq} must lie in [1, max_context={spec.max_context}]")
-    if spec.dtype not in ("float16", "float32"):
-        raise EngineError(f"GraphSpec dtype {spec.dtype!r}: TensorRT plans are built for float16 or float32")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    logger = _make_logger(trt)
-    try:
-        log.info("tensorrt: checking the ONNX graph form of %s", onnx_path)
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        onnx_ops = Counter(n.op_type for n in model.graph.node)
-        refused = unsupported_graph_forms(model)
-
-        log.info("tensorrt: parsing %s with %s %s", onnx_path.name, trt.__name__, trt.__version__)
-        builder = trt.Builder(logger)
-        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(network, logger)
-        parsed = parser.parse_from_file(str(onnx_path))  # a path, so model.onnx.data is found beside it
-        errors = _parser_errors(parser)
-        if refused or not parsed or errors:
-            parts = [f"TensorRT cannot take {onnx_path}:"] + [f"  - {p}" for p in refused]
-            parts += [f"  - parser: {e}" for e in errors]
-            if not parsed and not errors:
-                parts.append("  - parser: failed without an error message")
-            raise EngineError("\n".join(parts))
-        _check_network_io(trt, network, spec)
-
-        counts = _native_layer_counts(network)
-        _check_native_layers(counts, onnx_ops, spec)
-        decomposable = spec.dtype == "float32" if decomposable_attention is None else decomposable_attention
-        if decomposable:
-            marked = _mark_attention_decomposable(trt, network)
-            log.info("tensorrt: marked %d attention layers decomposable", marked)
-
-        config = builder.create_builder_config()
-        profiles = _profiles(spec, prefill_max_seq)
-        for profile_spec in profiles:
-            profile = builder.create_optimization_profile()
-            for name, s in profile_spec["shapes"].items():
-                profile.set_shape(name, s["min"], s["opt"], s["max"])
-            config.add_optimization_profile(profile)
-        # A timing cache from an earlier build of the same folder skips re-timing the same kernels. TRT-RTX does
-        # not time kernels at build time (its timing-cache calls are deprecated no-ops), so it gets none.
-        cache_path = out_dir / TIMING_CACHE_FILE if trt.__name__ == "tensorrt" else None
-        if cache_path is not None:
-            timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-            config.set_timing_cache(timing_cache, ignore_mismatch=False)
-
-        log.info("tensorrt: building the plan (%d layers; native %s; profiles %s)", network.num_layers,
-                 {t: counts[t] for t in NATIVE_LAYER_TYPES}, [p["name"] for p in profiles])
-        build_start = time.perf_counter()
-        plan = builder.build_serialized_network(network, config)
-        build_seconds = time.perf_counter() - build_start
-        if plan is None:
-            reason = "; ".join(logger.errors) or f"no error logged, see {out_dir / BUILD_LOG_FILE}"
-            if "not supported by a dedicated kernel" in reason and not decomposable:
-                # Measured with TRT-RTX 1.7.1: fp16 graphs with fewer than 4 query heads have no fused kernel.
-                raise EngineError(f"TensorRT has no fused attention kernel for the attention shape in {onnx_path} "
-                                  "(TRT-RTX 1.7.1 needs at least 4 query heads in fp16); pass "
-                                  "decomposable_attention=True to build a slower multi-kernel attention. "
-                                  f"TensorRT said: {reason}")
-            raise EngineError(f"TensorRT failed to build a plan from {onnx_path}: {reason}")
-        plan_bytes = bytes(plan)
-        (out_dir / PLAN_FILE).write_bytes(plan_bytes)
-        if cache_path is not None:
-            cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        log.info("tensorrt: wrote %s (%.1f MB) in %.1f s", out_dir / PLAN_FILE, len(plan_bytes) / 1e6,
-                 time.perf_counter() - start)
-    finally:
-        (out_dir / BUILD_LOG_FILE).write_text("\n".join(logger.lines) + "\n")
-
-    return TensorRTPlan(
-        module=trt.__name__,
-        version=trt.__version__,
-        gpu=_gpu(),
-        compute_capability_targets=_compute_capability_targets(config),
-        profiles=profiles,
-        native_layers={t: counts[t] for t in NATIVE_LAYER_TYPES},
-        attention_decomposable=decomposable,
-        plan_file=PLAN_FILE,
-        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
-        build_log_file=BUILD_LOG_FILE,
-        timing_cache_file=cache_path and cache_path.name,
-        build_seconds=round(build_seconds, 3),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------- running
 
 
 def runtime_available() -> tuple[bool, str]:
@@ -334,8 +77,11 @@ def runtime_available() -> tuple[bool, str]:
 def plan_mismatch(plan: TensorRTPlan, module: str, version: str, gpu: dict | None) -> str | None:
     """Why a plan described by ``plan`` cannot be loaded by ``module`` ``version`` on ``gpu``; None if it can.
 
-    TensorRT plans are tied to the exact TensorRT version and (for the full TensorRT) to the GPU's compute
-    capability; deserialising a foreign plan fails deep inside TensorRT, or worse, so check first.
+    A plan is tied to the exact TensorRT version, and (without hardware-compatibility mode, which this project does
+    not use) to the GPU model it was built on, not only its compute capability: NVIDIA's support matrix says such
+    engines are not portable across devices, and H100 SXM, H100 PCIe and H200 all report 9.0 with different
+    memory systems the builder timed its kernels for. Deserialising a foreign plan fails deep inside TensorRT, or
+    worse, so compare the device name too and refuse with a message that says to rebuild.
     """
     if plan.module != module or plan.version != version:
         return (f"the plan was built by {plan.module} {plan.version} but this is {module} "
@@ -343,7 +89,8 @@ def plan_mismatch(plan: TensorRTPlan, module: str, version: str, gpu: dict | Non
     built_on = plan.gpu
     if built_on is None:
         return "the plan was built without a GPU (an offline TensorRT-RTX build); rebuild it on this GPU"
-    if gpu is None or built_on.get("compute_capability") != gpu["compute_capability"]:
+    if gpu is None or (built_on.get("name"), built_on.get("compute_capability")) != (gpu["name"],
+                                                                                      gpu["compute_capability"]):
         return (f"the plan was built for {built_on.get('name')} (compute capability "
                 f"{built_on.get('compute_capability')}) but this GPU is "
                 f"{gpu and gpu['name']} ({gpu and gpu['compute_capability']}); rebuild it on this GPU")
@@ -357,11 +104,11 @@ def plan_unusable_reason(plan: TensorRTPlan) -> str | None:
         return why
     import tensorrt as trt
 
-    return plan_mismatch(plan, trt.__name__, trt.__version__, _gpu())
+    return plan_mismatch(plan, trt.__name__, trt.__version__, gpu_description())
 
 
 class TensorRTState:
-    """One batch's KV caches on the GPU, its fixed decode IO buffers and its captured decode CUDA graph."""
+    """One batch's KV caches on the GPU, its fixed decode IO buffers and its captured decode CUDA graphs."""
 
     def __init__(self, batch: int, caches: list[tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor,
                  decode_inputs: dict[str, torch.Tensor]):
@@ -372,8 +119,25 @@ class TensorRTState:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode graphs by number of rows stepped
 
 
+class _ProfileContext:
+    """An execution context fixed to one optimisation profile, and what is bound to it (to rebind only changes)."""
+
+    def __init__(self, context, profile: int):
+        self.context = context
+        self.profile = profile
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+
+
 class TensorRTEngine(Engine):
-    """Runs ``model.plan`` with ``execute_async_v3``; decode steps replay a CUDA graph once captured."""
+    """Runs ``model.plan`` with ``execute_async_v3``; decode steps replay a CUDA graph once captured.
+
+    One execution context per optimisation profile (prefill, decode), both on one device-memory buffer, as
+    TensorRT-LLM's runtime does: a context never switches profiles, so the decode graphs captured on the decode
+    context stay valid whatever prefills run in between. The contexts run one at a time on the engine's stream,
+    which is what makes sharing the activation memory safe (TensorRT forbids it only for parallel contexts).
+    ``close()`` (or leaving a ``with`` block) frees the graphs, contexts, device memory and stream in that order.
+    """
 
     backend = "tensorrt"
 
@@ -387,17 +151,13 @@ class TensorRTEngine(Engine):
         self.spec = spec
         self.device = torch.device("cuda", torch.cuda.current_device())
         plan_path = Path(folder) / section.plan_file
-        mismatch = plan_mismatch(section, trt.__name__, trt.__version__, _gpu())
+        mismatch = plan_mismatch(section, trt.__name__, trt.__version__, gpu_description())
         if mismatch:
             raise EngineError(f"{plan_path}: {mismatch}")
-        plan = plan_path.read_bytes()
-        if hashlib.sha256(plan).hexdigest() != section.plan_sha256:
-            raise EngineError(f"{plan_path}: sha256 differs from the manifest's plan_sha256; the file was changed "
-                              "or truncated, rebuild the artifact")
-
-        self._logger = _make_logger(trt)
+        # Artifact.open verified the plan's sha256 against the manifest; it is not hashed again here.
+        self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(plan)
+        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self._engine is None:
             raise EngineError(f"TensorRT could not deserialise {plan_path}: " + "; ".join(self._logger.errors))
         self._check_engine_io(plan_path)
@@ -407,16 +167,27 @@ class TensorRTEngine(Engine):
                               f"and the plan has {self._engine.num_optimization_profiles}")
 
         self._prefill_max_seq = section.profiles[0]["shapes"][INPUT_IDS]["max"][1]
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
-            raise EngineError(f"TensorRT could not create an execution context for {plan_path} (out of GPU "
-                              "memory?): " + "; ".join(self._logger.errors))
         self._stream = torch.cuda.Stream(self.device)
-        self._profile: int | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._addresses: dict[str, int] = {}
+        # device_memory_size_v2: the largest activation memory over all profiles, so one buffer serves both
+        # contexts. torch's allocator aligns blocks to 512 bytes; TensorRT needs 256.
+        self._device_memory = torch.empty(self._engine.device_memory_size_v2, dtype=torch.uint8, device=self.device)
+        self._contexts = [self._create_context(profile, plan_path) for profile in range(2)]
+        self._states_with_graphs: weakref.WeakSet[TensorRTState] = weakref.WeakSet()
         self._use_cuda_graphs = use_cuda_graphs
         self.last_step_used_graph = False  # for tests and benchmarks: did the last step replay a graph?
+
+    def _create_context(self, profile: int, plan_path: Path) -> _ProfileContext:
+        context = self._engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise EngineError(f"TensorRT could not create an execution context for {plan_path}: "
+                              + "; ".join(self._logger.errors))
+        context.set_device_memory(self._device_memory.data_ptr(), self._device_memory.numel())
+        try:
+            context.set_optimization_profile_async(profile, self._stream.cuda_stream)
+        except RuntimeError as e:  # the Python binding raises where the C++ API returns false
+            raise EngineError(f"{plan_path}: TensorRT refused optimisation profile {profile} ({e}): "
+                              + "; ".join(self._logger.errors)) from None
+        return _ProfileContext(context, profile)
 
     def _check_engine_io(self, plan_path: Path) -> None:
         trt, engine, io = self._trt, self._engine, self.spec.io()
@@ -437,7 +208,12 @@ class TensorRTEngine(Engine):
                     raise EngineError(f"{plan_path}: output {present} does not alias input {past}; the KV cache "
                                       "would not be updated in place")
 
+    def _check_open(self) -> None:
+        if self._contexts is None:
+            raise EngineError("this TensorRT engine is closed; open the artifact again")
+
     def allocate(self, batch: int) -> TensorRTState:
+        self._check_open()
         if not 1 <= batch <= self.spec.max_batch:
             raise ValueError(f"batch {batch} must lie in [1, max_batch={self.spec.max_batch}]")
         dtype = getattr(torch, self.spec.dtype)
@@ -453,43 +229,39 @@ class TensorRTEngine(Engine):
         self._stream.synchronize()
         return TensorRTState(batch, caches, logits, decode_inputs)
 
-    def _bind(self, profile: int, inputs: dict[str, torch.Tensor], state: TensorRTState, rows: int) -> bool:
+    def _bind(self, bound: _ProfileContext, inputs: dict[str, torch.Tensor], state: TensorRTState,
+              rows: int) -> bool:
         """Point the context at these tensors (the first ``rows`` rows of the state's caches, a contiguous prefix
         of each buffer); calls TensorRT only for what changed. True if anything did."""
         changed = False
-        stream = self._stream.cuda_stream
-        if self._profile != profile:
-            if not self._context.set_optimization_profile_async(profile, stream):
-                raise EngineError(f"TensorRT refused optimisation profile {profile}: "
-                                  + "; ".join(self._logger.errors))
-            # Shapes belong to a profile; bind everything again after a switch.
-            self._profile, self._shapes, self._addresses, changed = profile, {}, {}, True
         input_tensors, output_tensors = dict(inputs), {LOGITS: state.logits[:rows]}
         for layer, (k, v) in enumerate(state.caches):
             for past, present, cache in zip(past_names(layer), present_names(layer), (k, v)):
                 input_tensors[past] = output_tensors[present] = cache[:rows]  # in place: one buffer for both
         for name, tensor in input_tensors.items():
             shape = tuple(tensor.shape)
-            if self._shapes.get(name) != shape:
-                if not self._context.set_input_shape(name, shape):
-                    raise EngineError(f"TensorRT refused shape {shape} for input {name} under profile {profile}")
-                self._shapes[name] = shape
+            if bound.shapes.get(name) != shape:
+                if not bound.context.set_input_shape(name, shape):
+                    raise EngineError(f"TensorRT refused shape {shape} for input {name} under profile "
+                                      f"{bound.profile}")
+                bound.shapes[name] = shape
                 changed = True
         for name, tensor in {**input_tensors, **output_tensors}.items():
-            if self._addresses.get(name) != tensor.data_ptr():
-                if not self._context.set_tensor_address(name, tensor.data_ptr()):
+            if bound.addresses.get(name) != tensor.data_ptr():
+                if not bound.context.set_tensor_address(name, tensor.data_ptr()):
                     raise EngineError(f"TensorRT refused the device address of {name}")
-                self._addresses[name] = tensor.data_ptr()
+                bound.addresses[name] = tensor.data_ptr()
                 changed = True
         return changed
 
-    def _execute(self) -> None:
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
+    def _execute(self, bound: _ProfileContext) -> None:
+        if not bound.context.execute_async_v3(self._stream.cuda_stream):
             raise EngineError("TensorRT execute_async_v3 failed: " + "; ".join(self._logger.errors[-5:]))
 
-    def _capture(self, state: TensorRTState, rows: int) -> None:
+    def _capture(self, bound: _ProfileContext, state: TensorRTState, rows: int) -> None:
         """Record the decode step of this state over ``rows`` rows in a CUDA graph; on failure, run eagerly."""
-        if hasattr(self._context, "is_stream_capturable") and not self._context.is_stream_capturable(
+        # is_stream_capturable is in TensorRT-RTX's bindings; guarded, as not every TensorRT 10.x binding has it.
+        if hasattr(bound.context, "is_stream_capturable") and not bound.context.is_stream_capturable(
                 self._stream.cuda_stream):
             log.warning("tensorrt: this execution context cannot be captured in a CUDA graph; decoding eagerly")
             self._use_cuda_graphs = False
@@ -499,20 +271,23 @@ class TensorRTEngine(Engine):
             # thread_local: only this thread must avoid capture-unsafe CUDA calls; TensorRT's own helper threads
             # may make them without invalidating the capture.
             with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
-                self._execute()
+                self._execute(bound)
         except (RuntimeError, EngineError) as e:
             log.warning("tensorrt: CUDA graph capture of the decode step failed (%s); decoding eagerly", e)
             self._use_cuda_graphs = False
             return
         state.graphs[rows] = graph
+        self._states_with_graphs.add(state)
 
     def _step(self, state: TensorRTState, input_ids: np.ndarray, write_indices: np.ndarray,
-             logits_indices: np.ndarray) -> np.ndarray:
+              logits_indices: np.ndarray) -> np.ndarray:
+        self._check_open()
         rows, decode = input_ids.shape[0], input_ids.shape[1] == 1
         if input_ids.shape[1] > self._prefill_max_seq:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per row; the plan's prefill profile takes "
                              f"at most {self._prefill_max_seq} (prefill longer prompts in chunks)")
         host = {INPUT_IDS: input_ids, WRITE_INDICES: write_indices, LOGITS_INDICES: logits_indices}
+        bound = self._contexts[1 if decode else 0]
         self.last_step_used_graph = False
         with torch.cuda.stream(self._stream):
             if decode:
@@ -523,20 +298,38 @@ class TensorRTEngine(Engine):
             else:
                 inputs = {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
                 inputs[KV_SLOTS] = state.decode_inputs[KV_SLOTS]  # the same all-slots range as decode
-            changed = self._bind(1 if decode else 0, inputs, state, rows)
+            changed = self._bind(bound, inputs, state, rows)
             if decode and self._use_cuda_graphs and not changed:
-                # TensorRT needs one eager enqueue after any shape/address/profile change before capture or
-                # replay is valid, which the `changed` step before this one did.
+                # TensorRT needs one eager enqueue after any shape/address change before capture or replay is
+                # valid, which the `changed` step before this one did.
                 if rows not in state.graphs:
-                    self._capture(state, rows)
+                    self._capture(bound, state, rows)
                 if rows in state.graphs:
                     state.graphs[rows].replay()
                     self.last_step_used_graph = True
             if not self.last_step_used_graph:
-                self._execute()
+                self._execute(bound)
             logits = state.logits[:rows].cpu()  # waits for the stream
         return logits.numpy()
 
     def read_cache(self, state: TensorRTState) -> list[tuple[np.ndarray, np.ndarray]]:
+        self._check_open()
         self._stream.synchronize()
         return [(k.cpu().numpy(), v.cpu().numpy()) for k, v in state.caches]
+
+    def close(self) -> None:
+        """Free the CUDA graphs, the execution contexts, their device memory, the engine and the stream, in that
+        order (a context must go before its engine, the engine before its runtime). Idempotent."""
+        if self._contexts is None:
+            return
+        self._stream.synchronize()
+        for state in list(self._states_with_graphs):
+            for graph in state.graphs.values():
+                graph.reset()
+            state.graphs.clear()
+        self._states_with_graphs = weakref.WeakSet()
+        self._contexts = None
+        self._device_memory = None
+        self._engine = None
+        self._runtime = None
+        self._stream = None
