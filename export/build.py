@@ -156,7 +156,7 @@ def _source_files(folder: Path) -> list[Path]:
 def _maybe_build_tensorrt(tmp: Path, opts: ExportOptions, spec: GraphSpec) -> TensorRT:
     if opts.engine == "onnx":
         return TensorRT(reason="--engine onnx")
-    from engines import tensorrt
+    from engines import tensorrt, tensorrt_build
 
     if opts.engine == "auto":
         runnable, why = tensorrt.runtime_available()
@@ -164,7 +164,7 @@ def _maybe_build_tensorrt(tmp: Path, opts: ExportOptions, spec: GraphSpec) -> Te
             log.info("TensorRT engine not built: %s (ask for one with --engine tensorrt)", why)
             return TensorRT(reason=why)
     log.info("building the TensorRT engine")
-    return TensorRT(plan=tensorrt.build_plan(tmp / ONNX_FILE, spec, tmp))
+    return TensorRT(plan=tensorrt_build.build_plan(tmp / ONNX_FILE, spec, tmp))
 
 
 def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: TensorRT) -> Parity:
