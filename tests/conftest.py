@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 needs_shared = pytest.mark.skipif(
     not SHARED.is_dir(),
-    reason=f"needs ../shared (Cohere's published templates and hyper-parameter table); {SHARED} is absent in this clone",
+    reason=f"needs ../shared (Cohere's published templates and hyper-parameter table); {SHARED} is absent in "
+           "this clone",
 )
 
 # Configs that exercise every branch of the math: MHA and GQA, with and without qk-norm, tied and untied

@@ -116,7 +116,8 @@ ASSISTANT_TEXT_AND_CALL = [
 STRING_ARGUMENTS = [
     {"role": "user", "content": "Weather in Paris?"},
     # OpenAI clients send arguments as a JSON string; the template writes it as it is.
-    {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "assistant",
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
     {"role": "tool", "content": "sunny"},
     {"role": "assistant", "content": "It is sunny in Paris."},
     {"role": "user", "content": "And tomorrow?"},
@@ -238,13 +239,15 @@ def test_default_golden(tiny_templates):
 @needs_shared
 def test_cohere_default_golden(cohere_templates):
     # The tiny model's default template speaks the protocol of Command-R's own.
-    assert cohere_templates.render([{"role": "user", "content": "Hello, how are you?"}], template="command-r") == DEFAULT_GOLDEN
+    prompt = cohere_templates.render([{"role": "user", "content": "Hello, how are you?"}], template="command-r")
+    assert prompt == DEFAULT_GOLDEN
 
 
 def test_tool_use_format(tiny_templates):
     nullable = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": ["string", "null"]}, "y": {"description": "any y"}}}}}]
-    prompt = tiny_templates.render([{"role": "user", "content": "q"}], tools=COHERE_TOOLS + JSON_SCHEMA_TOOLS + nullable)
+    tools = COHERE_TOOLS + JSON_SCHEMA_TOOLS + nullable
+    prompt = tiny_templates.render([{"role": "user", "content": "q"}], tools=tools)
     system, user, instruction, generation = prompt.split("<|END_OF_TURN_TOKEN|>")
     assert system == (
         "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are a helpful assistant with tools.\n\n## Tools\n\n"
@@ -269,7 +272,8 @@ def test_tool_use_format(tiny_templates):
     assert generation == "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
 
 
-@pytest.mark.parametrize("messages", [TOOL_ROUND, ASSISTANT_TEXT_AND_CALL, STRING_ARGUMENTS], ids=["openai", "flat", "string-arguments"])
+@pytest.mark.parametrize("messages", [TOOL_ROUND, ASSISTANT_TEXT_AND_CALL, STRING_ARGUMENTS],
+                         ids=["openai", "flat", "string-arguments"])
 def test_past_tool_calls_render_as_the_model_should_answer(tiny_templates, messages):
     prompt = tiny_templates.render(messages, tools=JSON_SCHEMA_TOOLS)
     turns = [turn for turn in prompt.split("<|END_OF_TURN_TOKEN|>")
@@ -292,7 +296,8 @@ def test_rag_format(tiny_templates):
     docs = [{"title": "A", "text": "one"}, {"title": "B", "text": "two", "url": "u"}]
     accurate = tiny_templates.render([{"role": "user", "content": " q "}], documents=docs)
     preamble, user, results, instruction, generation = accurate.split("<|END_OF_TURN_TOKEN|>")
-    assert preamble == "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are a helpful assistant. Answer from the documents and cite them."
+    assert preamble == ("<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>"
+                        "You are a helpful assistant. Answer from the documents and cite them.")
     assert user == "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>q"
     assert results == (
         "<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><results>\nDocument: 0\ntitle: A\ntext: one\n\n"
@@ -306,7 +311,8 @@ def test_rag_format(tiny_templates):
     fast = tiny_templates.render([{"role": "user", "content": "q"}], documents=docs, citation_mode="fast")
     assert fast == accurate.replace("Answer: the answer without citations\n", "")
     # A first system message replaces the default preamble.
-    custom = tiny_templates.render([{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "q"}], documents=docs)
+    custom = tiny_templates.render([{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "q"}],
+                                   documents=docs)
     assert custom == accurate.replace(preamble, "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.")
 
 
@@ -377,7 +383,8 @@ RESULT = TOOL_ROUND[2]
         ([USER, CALL, USER], COHERE_TOOLS, None, r"'tool_use': message 2 \(user\) is out of order"),
         ([SYSTEM, ASSISTANT], COHERE_TOOLS, None, r"'tool_use': message 1 \(assistant\) is out of order"),
         ([USER, CALL, RESULT], None, DOCUMENTS, r"'rag': message 1 is a tool call or tool result"),
-        ([SYSTEM, USER, USER], None, DOCUMENTS, r"'rag': Conversation roles must alternate .* message 2 is user, expected assistant"),
+        ([SYSTEM, USER, USER], None, DOCUMENTS,
+         r"'rag': Conversation roles must alternate .* message 2 is user, expected assistant"),
     ],
 )
 def test_role_order_errors(messages, tools, documents, match, tiny_templates):
