@@ -1,23 +1,27 @@
-"""serve.chat renders Cohere chat templates exactly like transformers' apply_chat_template, text and token ids."""
+"""serve.chat renders chat templates exactly like transformers' apply_chat_template, text and token ids: the tiny
+model's own templates (docs/chat-templates.md) always, Cohere's published ones when ../shared holds them."""
 
 import json
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
 
 from serve.chat import ChatTemplateError, ChatTemplates
+from serve.parsing import ToolCall, parse_tool_calls
 
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, needs_shared
 
 TINY = REPO / "reference" / "tiny"
-
-
-def _shared_templates() -> Path:
-    # The real checkpoints' templates: read-only fixtures beside the repository (X/<repo> and X/shared).
-    return SHARED / "fixtures" / "cohere" / "templates"
+# Cohere's published templates (read only by the @needs_shared tests), under the names the cases use.
+COHERE_TEMPLATES = SHARED / "fixtures" / "cohere" / "templates"
+COHERE_FILES = {
+    "command-r": "command-r.default.jinja",
+    "command-r-plus": "command-r-plus.tool_use.jinja",
+    "r7b": "command-r7b-12-2024.tool_use.jinja",
+}
 
 
 def _tiny_config() -> dict:
@@ -109,36 +113,67 @@ ASSISTANT_TEXT_AND_CALL = [
     {"role": "tool", "content": "Emperor penguins are the tallest."},
 ]
 
+STRING_ARGUMENTS = [
+    {"role": "user", "content": "Weather in Paris?"},
+    # OpenAI clients send arguments as a JSON string; the template writes it as it is.
+    {"role": "assistant",
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "It is sunny in Paris."},
+    {"role": "user", "content": "And tomorrow?"},
+]
+BARE_TOOL = [{"type": "function", "function": {"name": "now"}}]  # OpenAI lets description and parameters out
+LATE_SYSTEM = [*MULTI_TURN[:2], {"role": "system", "content": " Be brief. "}, MULTI_TURN[2]]
+
 # (case id, template name, messages, tools, documents, extra kwargs)
-CASES = [
+TINY_CASES = [
     ("default/user", "default", [MULTI_TURN[0]], None, None, {}),
     ("default/system+multi-turn", "default", [SYSTEM, *MULTI_TURN], None, None, {}),
+    ("default/late-system", "default", LATE_SYSTEM, None, None, {}),
     ("default/non-ascii", "default", NON_ASCII, None, None, {}),
     ("default/no-generation-prompt", "default", MULTI_TURN[:2], None, None, {"add_generation_prompt": False}),
     ("tool_use/cohere-tools", "tool_use", MULTI_TURN, COHERE_TOOLS, None, {}),
     ("tool_use/cohere-tools+system", "tool_use", [SYSTEM, *NON_ASCII], COHERE_TOOLS, None, {}),
     ("tool_use/json-schema-tools", "tool_use", NON_ASCII, JSON_SCHEMA_TOOLS, None, {}),
+    ("tool_use/bare-tool+late-system", "tool_use", LATE_SYSTEM, BARE_TOOL, None, {}),
     ("tool_use/tool-calls+results", "tool_use", TOOL_ROUND, JSON_SCHEMA_TOOLS, None, {}),
     ("tool_use/text+call+result", "tool_use", ASSISTANT_TEXT_AND_CALL, COHERE_TOOLS, None, {}),
+    ("tool_use/string-arguments", "tool_use", STRING_ARGUMENTS, JSON_SCHEMA_TOOLS, None, {}),
+    ("rag/accurate", "rag", MULTI_TURN, None, DOCUMENTS, {}),
+    ("rag/fast", "rag", MULTI_TURN, None, DOCUMENTS, {"citation_mode": "fast"}),
+    ("rag/system+non-ascii", "rag", [SYSTEM, *NON_ASCII], None, DOCUMENTS[2:], {}),
+    ("rag/late-system", "rag", LATE_SYSTEM, None, DOCUMENTS[:1], {}),
+    ("rag/no-documents", "rag", MULTI_TURN, None, [], {}),
+]
+
+COHERE_CASES = [
+    ("command-r/user", "command-r", [MULTI_TURN[0]], None, None, {}),
+    ("command-r/system+multi-turn", "command-r", [SYSTEM, *MULTI_TURN], None, None, {}),
+    ("command-r/non-ascii", "command-r", NON_ASCII, None, None, {}),
+    ("command-r/no-generation-prompt", "command-r", MULTI_TURN[:2], None, None, {"add_generation_prompt": False}),
+    ("command-r-plus/cohere-tools", "command-r-plus", MULTI_TURN, COHERE_TOOLS, None, {}),
+    ("command-r-plus/cohere-tools+system", "command-r-plus", [SYSTEM, *NON_ASCII], COHERE_TOOLS, None, {}),
+    ("command-r-plus/json-schema-tools", "command-r-plus", NON_ASCII, JSON_SCHEMA_TOOLS, None, {}),
+    ("command-r-plus/tool-calls+results", "command-r-plus", TOOL_ROUND, JSON_SCHEMA_TOOLS, None, {}),
+    ("command-r-plus/text+call+result", "command-r-plus", ASSISTANT_TEXT_AND_CALL, COHERE_TOOLS, None, {}),
     ("r7b/plain", "r7b", [SYSTEM, *MULTI_TURN], None, None, {}),
     ("r7b/tools+calls+results", "r7b", TOOL_ROUND, JSON_SCHEMA_TOOLS, None, {}),
     # R7B's template loops over `tools` unguarded once documents are given, so documents need tools (here and in
     # transformers alike).
     ("r7b/documents+tools", "r7b", NON_ASCII, JSON_SCHEMA_TOOLS, DOCUMENTS, {}),
-    ("rag/accurate", "rag", MULTI_TURN, None, DOCUMENTS, {}),
-    ("rag/fast", "rag", MULTI_TURN, None, DOCUMENTS, {"citation_mode": "fast"}),
-    ("rag/system+non-ascii", "rag", [SYSTEM, *NON_ASCII], None, DOCUMENTS[2:], {}),
-    ("rag/no-documents", "rag", MULTI_TURN, None, [], {}),
 ]
 
 
 @pytest.fixture(scope="module")
-def templates() -> ChatTemplates:
-    config = _tiny_config()
-    chat = ChatTemplates.from_tokenizer_config(config)
-    # The R7B template is not part of the tiny model: render it under its own name with the same special tokens.
-    r7b = (_shared_templates() / "command-r7b-12-2024.tool_use.jinja").read_text(encoding="utf-8")
-    return ChatTemplates({**chat.templates, "r7b": r7b}, chat.special_tokens)
+def tiny_templates() -> ChatTemplates:
+    return ChatTemplates.from_tokenizer_config(_tiny_config())
+
+
+@pytest.fixture(scope="module")
+def cohere_templates(tiny_templates) -> ChatTemplates:
+    # Cohere's templates, rendered with the tiny model's special tokens (the same tokens, by name and protocol).
+    templates = {name: (COHERE_TEMPLATES / file).read_text(encoding="utf-8") for name, file in COHERE_FILES.items()}
+    return ChatTemplates(templates, tiny_templates.special_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +187,7 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_file(str(TINY / "tokenizer.json"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_matches_transformers(case, templates, hf_tokenizer, tokenizer):
+def _check_against_transformers(templates, case, hf_tokenizer, tokenizer):
     _, name, messages, tools, documents, extra = case
     add_generation_prompt = extra.get("add_generation_prompt", True)
     citation_mode = extra.get("citation_mode", "accurate")
@@ -180,47 +214,114 @@ def test_matches_transformers(case, templates, hf_tokenizer, tokenizer):
     assert expected_ids[0] == tokenizer.token_to_id("<BOS_TOKEN>") != expected_ids[1]
 
 
-def test_default_golden():
-    # COHERE.md 4.4: the expected output of the Command-R default template.
-    chat = ChatTemplates.from_tokenizer_config(_tiny_config())
-    assert chat.render([{"role": "user", "content": "Hello, how are you?"}]) == (
-        "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hello, how are you?<|END_OF_TURN_TOKEN|>"
-        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+@pytest.mark.parametrize("case", TINY_CASES, ids=[case[0] for case in TINY_CASES])
+def test_tiny_templates_match_transformers(case, tiny_templates, hf_tokenizer, tokenizer):
+    _check_against_transformers(tiny_templates, case, hf_tokenizer, tokenizer)
+
+
+@needs_shared
+@pytest.mark.parametrize("case", COHERE_CASES, ids=[case[0] for case in COHERE_CASES])
+def test_cohere_templates_match_transformers(case, cohere_templates, hf_tokenizer, tokenizer):
+    _check_against_transformers(cohere_templates, case, hf_tokenizer, tokenizer)
+
+
+# One user turn as Command-R's default template renders it (the example in Cohere's published template notes).
+DEFAULT_GOLDEN = (
+    "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hello, how are you?<|END_OF_TURN_TOKEN|>"
+    "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+)
+
+
+def test_default_golden(tiny_templates):
+    assert tiny_templates.render([{"role": "user", "content": " Hello, how are you? "}]) == DEFAULT_GOLDEN
+
+
+@needs_shared
+def test_cohere_default_golden(cohere_templates):
+    # The tiny model's default template speaks the protocol of Command-R's own.
+    prompt = cohere_templates.render([{"role": "user", "content": "Hello, how are you?"}], template="command-r")
+    assert prompt == DEFAULT_GOLDEN
+
+
+def test_tool_use_format(tiny_templates):
+    nullable = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": ["string", "null"]}, "y": {"description": "any y"}}}}}]
+    tools = COHERE_TOOLS + JSON_SCHEMA_TOOLS + nullable
+    prompt = tiny_templates.render([{"role": "user", "content": "q"}], tools=tools)
+    system, user, instruction, generation = prompt.split("<|END_OF_TURN_TOKEN|>")
+    assert system == (
+        "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are a helpful assistant with tools.\n\n## Tools\n\n"
+        f"### internet_search\n{COHERE_TOOLS[0]['description']}\n"
+        "- query (str, required): Query to search the internet with\n"
+        "- max_results (int, optional): How many results to return\n\n"
+        f"### directly_answer\n{COHERE_TOOLS[1]['description']}\n\n"
+        "### get_weather\nGet the current weather in a city\n"
+        "- city (string, required): City name, e.g. Zürich or 서울\n"
+        "- days (integer, optional): Forecast days\n"
+        "- units (string or integer, optional): a unit name or code\n"
+        "- hours (array of number, optional): Hours of the day\n"
+        "- extra (object, optional): Flags\n\n"
+        "### now\nThe current time\n\n"
+        "### f\n- x (string or null, optional)\n- y (any, optional): any y"
     )
+    assert user == "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>q"
+    assert instruction.startswith("<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>To call tools, reply like this")
+    # The example the prompt gives is what serve.parsing reads back.
+    example = parse_tool_calls(instruction)
+    assert example.error is None and example.calls == [ToolCall("<name>", {"<parameter>": "<value>"})]
+    assert generation == "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
 
 
-def test_rag_format():
-    chat = ChatTemplates.from_tokenizer_config(_tiny_config())
+@pytest.mark.parametrize("messages", [TOOL_ROUND, ASSISTANT_TEXT_AND_CALL, STRING_ARGUMENTS],
+                         ids=["openai", "flat", "string-arguments"])
+def test_past_tool_calls_render_as_the_model_should_answer(tiny_templates, messages):
+    prompt = tiny_templates.render(messages, tools=JSON_SCHEMA_TOOLS)
+    turns = [turn for turn in prompt.split("<|END_OF_TURN_TOKEN|>")
+             if turn.startswith("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>") and "Action:" in turn]
+    assistant = next(m for m in messages if "tool_calls" in m)
+    assert len(turns) == 1
+    parsed = parse_tool_calls(turns[0])
+    expected = []
+    for call in assistant["tool_calls"]:
+        call = call.get("function", call)
+        arguments = call["arguments"]
+        expected.append(ToolCall(call["name"], json.loads(arguments) if isinstance(arguments, str) else arguments))
+    assert parsed.error is None and parsed.calls == expected
+    # Each tool result is its own system turn inside <results>.
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    assert all(f"<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><results>\n{r}\n</results>" in prompt for r in results)
+
+
+def test_rag_format(tiny_templates):
     docs = [{"title": "A", "text": "one"}, {"title": "B", "text": "two", "url": "u"}]
-    accurate = chat.render([{"role": "user", "content": "q"}], documents=docs)
-    assert "<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|># Safety Preamble\n" in accurate
-    assert "\n\n# User Preamble\n## Task and Context\nYou help people answer their questions" in accurate
-    assert (
-        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>q<|END_OF_TURN_TOKEN|>"
+    accurate = tiny_templates.render([{"role": "user", "content": " q "}], documents=docs)
+    preamble, user, results, instruction, generation = accurate.split("<|END_OF_TURN_TOKEN|>")
+    assert preamble == ("<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>"
+                        "You are a helpful assistant. Answer from the documents and cite them.")
+    assert user == "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>q"
+    assert results == (
         "<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><results>\nDocument: 0\ntitle: A\ntext: one\n\n"
-        "Document: 1\ntitle: B\ntext: two\nurl: u\n</results><|END_OF_TURN_TOKEN|>"
-        "<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Carefully perform the following instructions, in order, "
-        "starting each with a new line.\n"
-    ) in accurate
-    assert "'Relevant Documents:'" in accurate and "'Cited Documents:'" in accurate
-    assert "Thirdly, Write 'Answer:'" in accurate
-    assert accurate.endswith(
-        "e.g <co: 0>my fact</co: 0> for a fact from document 0.<|END_OF_TURN_TOKEN|>"
-        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        "Document: 1\ntitle: B\ntext: two\nurl: u\n</results>"
     )
-    fast = chat.render([{"role": "user", "content": "q"}], documents=docs, citation_mode="fast")
-    assert "'Answer:'" not in fast and "Finally, Write 'Grounded answer:'" in fast
-    # A system message replaces the default task-and-context preamble.
-    custom = chat.render([{"role": "system", "content": "## Task\nBe brief."}, {"role": "user", "content": "q"}], documents=docs)
-    assert "# User Preamble\n## Task\nBe brief.<|END_OF_TURN_TOKEN|>" in custom
+    assert generation == "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+    # The lines the instruction asks for, in order, are the ones serve.parsing reads.
+    labels = re.findall(r"^([A-Z][A-Za-z ]*):", instruction.split("<|SYSTEM_TOKEN|>")[1], re.MULTILINE)
+    assert labels == ["Relevant Documents", "Cited Documents", "Answer", "Grounded answer"]
+    assert "<co: N>fact</co: N>" in instruction
+    fast = tiny_templates.render([{"role": "user", "content": "q"}], documents=docs, citation_mode="fast")
+    assert fast == accurate.replace("Answer: the answer without citations\n", "")
+    # A first system message replaces the default preamble.
+    custom = tiny_templates.render([{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "q"}],
+                                   documents=docs)
+    assert custom == accurate.replace(preamble, "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.")
 
 
-def test_selects_template_by_tools_and_documents():
-    chat = ChatTemplates.from_tokenizer_config(_tiny_config())
+def test_selects_template_by_tools_and_documents(tiny_templates):
+    chat = tiny_templates
     assert chat.select() == "default"
     assert chat.select(tools=COHERE_TOOLS) == "tool_use"
     assert chat.select(documents=DOCUMENTS) == "rag"
-    assert "## Available Tools" in chat.render(MULTI_TURN, tools=COHERE_TOOLS)
+    assert "## Tools" in chat.render(MULTI_TURN, tools=COHERE_TOOLS)
     assert "<results>" in chat.render(MULTI_TURN, documents=DOCUMENTS)
 
 
@@ -261,21 +362,44 @@ def test_tojson_and_globals_follow_transformers():
         ([{"role": "assistant", "content": "I start"}], "Conversation roles must alternate"),
     ],
 )
-def test_message_errors(messages, match):
-    chat = ChatTemplates.from_tokenizer_config(_tiny_config())
+def test_message_errors(messages, match, tiny_templates):
     with pytest.raises(ChatTemplateError, match=match):
-        chat.render(messages)
+        tiny_templates.render(messages)
 
 
-def test_assistant_tool_calls_need_no_content():
-    chat = ChatTemplates.from_tokenizer_config(_tiny_config())
-    prompt = chat.render(TOOL_ROUND, tools=JSON_SCHEMA_TOOLS)
+USER, ASSISTANT = MULTI_TURN[0], MULTI_TURN[1]
+CALL = TOOL_ROUND[1]
+RESULT = TOOL_ROUND[2]
+
+
+@pytest.mark.parametrize(
+    "messages, tools, documents, match",
+    [
+        ([USER, RESULT], None, None, r"'default': message 1 is a tool call or tool result: pass tools"),
+        ([USER, CALL], None, None, r"'default': message 1 is a tool call or tool result"),
+        ([USER, USER], COHERE_TOOLS, None, r"'tool_use': message 1 \(user\) is out of order"),
+        ([USER, RESULT], COHERE_TOOLS, None, r"'tool_use': message 1 \(tool\) is out of order"),
+        ([USER, ASSISTANT, RESULT], COHERE_TOOLS, None, r"'tool_use': message 2 \(tool\) is out of order"),
+        ([USER, CALL, USER], COHERE_TOOLS, None, r"'tool_use': message 2 \(user\) is out of order"),
+        ([SYSTEM, ASSISTANT], COHERE_TOOLS, None, r"'tool_use': message 1 \(assistant\) is out of order"),
+        ([USER, CALL, RESULT], None, DOCUMENTS, r"'rag': message 1 is a tool call or tool result"),
+        ([SYSTEM, USER, USER], None, DOCUMENTS,
+         r"'rag': Conversation roles must alternate .* message 2 is user, expected assistant"),
+    ],
+)
+def test_role_order_errors(messages, tools, documents, match, tiny_templates):
+    with pytest.raises(ChatTemplateError, match=match):
+        tiny_templates.render(messages, tools=tools, documents=documents)
+
+
+def test_assistant_tool_calls_need_no_content(tiny_templates):
+    prompt = tiny_templates.render(TOOL_ROUND, tools=JSON_SCHEMA_TOOLS)
     # The None content is dropped before rendering, so the template's `content is defined` test skips it.
-    assert '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>\nAction:\n```json\n[\n    {\n        "tool_name": "get_weather",' in prompt
+    assert '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Action: ```json\n[{"tool_name": "get_weather",' in prompt
 
 
-def test_request_errors():
-    chat = ChatTemplates.from_tokenizer_config(_tiny_config())
+def test_request_errors(tiny_templates):
+    chat = tiny_templates
     with pytest.raises(ChatTemplateError, match="not both"):
         chat.render(MULTI_TURN, tools=COHERE_TOOLS, documents=DOCUMENTS)
     with pytest.raises(ChatTemplateError, match="citation_mode"):
@@ -298,14 +422,24 @@ def test_request_errors():
         default_only.render(MULTI_TURN, tools=COHERE_TOOLS)
 
 
-def test_template_failures_become_chat_template_errors(templates):
+def test_template_failures_become_chat_template_errors():
+    chat = ChatTemplates({"endless": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                          "type-error": "{{ messages|length + 'x' }}"}, {})
+    with pytest.raises(ChatTemplateError, match="'endless' recursed without end"):
+        chat.render(MULTI_TURN, template="endless")
+    with pytest.raises(ChatTemplateError, match="'type-error' failed on these messages: TypeError"):
+        chat.render(MULTI_TURN, template="type-error")
+
+
+@needs_shared
+def test_cohere_template_failures_become_chat_template_errors(cohere_templates):
     # command-r-plus's json_to_python_type recurses forever on a JSON-schema type it doesn't map, like "null".
     nullable = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {
         "type": "object", "properties": {"x": {"type": ["string", "null"], "description": "x"}}, "required": []}}}]
     with pytest.raises(ChatTemplateError, match="recursed without end"):
-        templates.render(MULTI_TURN, tools=nullable)
+        cohere_templates.render(MULTI_TURN, tools=nullable, template="command-r-plus")
     with pytest.raises(ChatTemplateError, match="'r7b' failed on these messages: TypeError"):
-        templates.render(MULTI_TURN, documents=DOCUMENTS, template="r7b")
+        cohere_templates.render(MULTI_TURN, documents=DOCUMENTS, template="r7b")
 
 
 def test_config_errors():
@@ -330,10 +464,7 @@ def test_tiny_tokenizer_layout(tokenizer):
 
 
 def test_tiny_tokenizer_is_reproducible(tmp_path):
-    subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_tiny_tokenizer.py"), "--out", str(tmp_path), "--templates", str(_shared_templates())],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_tokenizer.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (TINY / name).read_bytes(), name

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from reference import (PRESETS, CheckpointError, CohereConfig, ConfigError, ModelNotFoundError, load_model,
                        resolve_checkpoint)
-from tests.conftest import CONFIGS, SHARED, save_hf_checkpoint
+from tests.conftest import CONFIGS, SHARED, needs_shared, save_hf_checkpoint
 
 BASE = dict(model_type="cohere", vocab_size=256000, hidden_size=8192, intermediate_size=22528,
             num_hidden_layers=40, num_attention_heads=64, num_key_value_heads=8, logit_scale=0.0625,
@@ -54,8 +54,10 @@ def test_missing_fields_are_named(field):
         CohereConfig.from_dict({k: v for k, v in BASE.items() if k != field})
 
 
+@needs_shared
 def test_presets_match_the_published_table():
-    """Rows from shared/COHERE.md section 2, parsed independently of the preset code."""
+    """The presets against the per-checkpoint table of COHERE.md section 2 beside the repository, parsed here
+    independently of the preset code."""
     table = (SHARED / "COHERE.md").read_text().split("## 2.")[1].split("Notes:")[0]
     rows = {}
     for line in table.splitlines():

@@ -1,16 +1,14 @@
 """Generate the tokenizer files of the built-in `tiny` model (reference/tiny/).
 
-    python tools/make_tiny_tokenizer.py [--out reference/tiny] [--templates DIR]
+    python tools/make_tiny_tokenizer.py [--out reference/tiny]
 
 Writes:
   tokenizer.json         a byte-level BPE tokenizer shaped like Cohere's: NFC normalizer, single-digit split +
                          ByteLevel pre-tokenizer, ByteLevel decoder, a post-processor that prepends <BOS_TOKEN>,
                          Cohere's special tokens at ids 0..12, and a vocabulary of exactly 1024 entries.
-  tokenizer_config.json  as a real Command-R checkpoint ships it, with `chat_template` as the named list
-                         default / tool_use / rag.
-
-The default and tool_use templates are copied verbatim from the shared fixtures (--templates); the rag template
-is written here (RAG_TEMPLATE) because no verbatim copy of a real one is available offline.
+  tokenizer_config.json  laid out as a real Command-R checkpoint ships it, with `chat_template` as the named list
+                         default / tool_use / rag. The templates are this project's own (tools/tiny_templates/*.jinja,
+                         documented in docs/chat-templates.md), written for Cohere's turn tokens.
 
 The output is deterministic: BPE training over a fixed corpus breaks ties by the pair itself, and both files are
 written with a fixed key order and formatting, so re-running reproduces the committed files byte for byte.
@@ -94,64 +92,9 @@ Yesterday we visited the museum, walked along the river, and had dinner at a sma
 Scientists measured the temperature of the ocean every hour for a year and published their results.
 """
 
-# The `rag` chat template of the tiny model: Command-R's grounded-generation prompt (COHERE.md 4.5). It renders the
-# safety / system / user preamble (a first `system` message replaces the default task-and-context preamble), the
-# conversation turns, the documents inside <results> (each as `Document: N` followed by one `key: value` line per
-# field), and the instructions turn for citation_mode "accurate" (the default) or "fast".
-RAG_TEMPLATE = """\
-{%- if citation_mode is not defined %}
-    {%- set citation_mode = 'accurate' %}
-{%- endif %}
-{%- if citation_mode != 'accurate' and citation_mode != 'fast' %}
-    {{- raise_exception('citation_mode must be "accurate" or "fast", got "' ~ citation_mode ~ '"') }}
-{%- endif %}
-{{- bos_token }}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set loop_messages = messages[1:] %}
-    {%- set system_message = messages[0]['content'] %}
-{%- else %}
-    {%- set loop_messages = messages %}
-    {%- set system_message = '## Task and Context\\nYou help people answer their questions and other requests interactively. You will be asked a very wide array of requests on all kinds of topics. You will be equipped with a wide range of search engines or similar tools to help you, which you use to research your answer. You should focus on serving the user\\'s needs as best you can, which will be wide-ranging.\\n\\n## Style Guide\\nUnless the user asks for a different style of answer, you should answer in full sentences, using proper grammar and spelling.' %}
-{%- endif %}
-{{- '<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|># Safety Preamble' }}
-{{- '\\nThe instructions in this section override those in the task description and style guide sections. Don\\'t answer questions that are harmful or immoral.' }}
-{{- '\\n\\n# System Preamble' }}
-{{- '\\n## Basic Rules' }}
-{{- '\\nYou are a powerful conversational AI trained by Cohere to help people. You are augmented by a number of tools, and your job is to use and consume the output of these tools to best help the user. You will see a conversation history between yourself and a user, ending with an utterance from the user. You will then see a specific instruction instructing you what kind of response to generate. When you answer the user\\'s requests, you cite your sources in your answers, according to those instructions.' }}
-{{- '\\n\\n# User Preamble' }}
-{{- '\\n' + system_message }}
-{{- '<|END_OF_TURN_TOKEN|>' }}
-{%- for message in loop_messages %}
-    {%- if message['role'] == 'user' %}
-        {{- '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>' + message['content']|trim + '<|END_OF_TURN_TOKEN|>' }}
-    {%- elif message['role'] == 'system' %}
-        {{- '<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>' + message['content']|trim + '<|END_OF_TURN_TOKEN|>' }}
-    {%- elif message['role'] == 'assistant' %}
-        {{- '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' + message['content']|trim + '<|END_OF_TURN_TOKEN|>' }}
-    {%- else %}
-        {{- raise_exception('The rag template accepts system, user and assistant messages, not "' ~ message['role'] ~ '"') }}
-    {%- endif %}
-{%- endfor %}
-{{- '<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><results>' }}
-{%- for document in documents %}
-    {{- '\\nDocument: ' ~ loop.index0 ~ '\\n' }}
-    {%- for key, value in document|items %}
-        {{- key ~ ': ' ~ value ~ '\\n' }}
-    {%- endfor %}
-{%- endfor %}
-{{- '</results><|END_OF_TURN_TOKEN|>' }}
-{{- '<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Carefully perform the following instructions, in order, starting each with a new line.\\n' }}
-{{- 'Firstly, Decide which of the retrieved documents are relevant to the user\\'s last input by writing \\'Relevant Documents:\\' followed by comma-separated list of document numbers. If none are relevant, you should instead write \\'None\\'.\\n' }}
-{{- 'Secondly, Decide which of the retrieved documents contain facts that should be cited in a good answer to the user\\'s last input by writing \\'Cited Documents:\\' followed a comma-separated list of document numbers. If you dont want to cite any of them, you should instead write \\'None\\'.\\n' }}
-{%- if citation_mode == 'accurate' %}
-    {{- 'Thirdly, Write \\'Answer:\\' followed by a response to the user\\'s last input in high quality natural english. Use the retrieved documents to help you. Do not insert any citations or grounding markup.\\n' }}
-{%- endif %}
-{{- 'Finally, Write \\'Grounded answer:\\' followed by a response to the user\\'s last input in high quality natural english. Use the symbols <co: doc> and </co: doc> to indicate when a fact comes from a document in the search result, e.g <co: 0>my fact</co: 0> for a fact from document 0.' }}
-{{- '<|END_OF_TURN_TOKEN|>' }}
-{%- if add_generation_prompt %}
-    {{- '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}
-{%- endif %}
-"""
+# The tiny model's chat templates, written for this project on Cohere's turn-token protocol (docs/chat-templates.md).
+TEMPLATES_DIR = Path(__file__).resolve().parent / "tiny_templates"
+TEMPLATE_NAMES = ("default", "tool_use", "rag")
 
 
 def build_tokenizer() -> Tokenizer:
@@ -195,9 +138,7 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
             raise SystemExit(f"special token {token} got id {got}, expected {expected_id}")
 
 
-def build_config(templates_dir: Path) -> dict:
-    default = (templates_dir / "command-r.default.jinja").read_text(encoding="utf-8")
-    tool_use = (templates_dir / "command-r-plus.tool_use.jinja").read_text(encoding="utf-8")
+def build_config() -> dict:
     return {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -214,9 +155,8 @@ def build_config(templates_dir: Path) -> dict:
         },
         "bos_token": "<BOS_TOKEN>",
         "chat_template": [
-            {"name": "default", "template": default},
-            {"name": "tool_use", "template": tool_use},
-            {"name": "rag", "template": RAG_TEMPLATE},
+            {"name": name, "template": (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")}
+            for name in TEMPLATE_NAMES
         ],
         "clean_up_tokenization_spaces": False,
         "cls_token": "<CLS>",
@@ -233,24 +173,16 @@ def build_config(templates_dir: Path) -> dict:
     }
 
 
-def default_templates_dir() -> Path:
-    # The repository is cloned into X/<repo>; the shared fixtures sit at X/shared.
-    return Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cohere" / "templates"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "reference" / "tiny")
-    parser.add_argument("--templates", type=Path, default=default_templates_dir())
     args = parser.parse_args()
-    if not args.templates.is_dir():
-        raise SystemExit(f"template directory {args.templates} not found (pass --templates)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     # Tokenizer.save writes pretty JSON with a fixed key order, so the bytes only depend on the trained model.
     tokenizer.save(str(args.out / "tokenizer.json"), pretty=True)
-    config = build_config(args.templates)
+    config = build_config()
     (args.out / "tokenizer_config.json").write_text(
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
