@@ -52,8 +52,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            _cfg(8192, 40, 64, 8, 24576, 4_000_000.0, 0.0625), verified=True,
            note="max_position_embeddings unverified"),
     # The built-in default: a few MB, seeded random weights, a small byte-level BPE tokenizer with Cohere's
-    # special tokens (ids from reference/tiny/tokenizer.json) and Cohere's chat templates. It exercises GQA and
-    # qk-norm so the whole pipeline's hardest paths run on a fresh machine.
+    # special tokens (ids from reference/tiny/tokenizer.json) and this project's own chat templates on Cohere's
+    # turn tokens (docs/chat-templates.md). It exercises GQA and qk-norm so the whole pipeline's hardest paths run
+    # on a fresh machine.
     Preset("tiny", None,
            _cfg(128, 2, 4, 2, 256, 10_000.0, 0.0625, qk_norm=True, vocab_size=1024, max_position_embeddings=4096,
                 bos_token_id=5, eos_token_id=9, pad_token_id=0), verified=True,
