@@ -225,64 +225,42 @@ def test_runtime_available_explains_itself():
 # ------------------------------------------------------------------------------------------------ GPU runtime
 
 
-def _reference_greedy(model, prompt, lengths, decode_steps: int, max_context: int):
-    """Prefill a right-padded ragged batch, then decode greedily; returns the steps fed, logits, final caches."""
-    batch = prompt.shape[0]
-    caches = model.new_caches(batch, max_context)
-    ids, write, last = prompt, np.zeros(batch, np.int64), lengths - 1
-    steps, outputs = [], []
-    with torch.no_grad():
-        for _ in range(decode_steps + 1):
-            logits, caches = model(torch.from_numpy(ids), torch.from_numpy(write), torch.from_numpy(last), caches)
-            steps.append((ids, write, last))
-            outputs.append(logits.numpy())
-            ids, write, last = logits.argmax(-1)[:, None].numpy(), write + last + 1, np.zeros(batch, np.int64)
-    return steps, outputs, caches
-
-
-def _reference_replay(model, steps, max_context: int):
-    caches = model.new_caches(steps[0][0].shape[0], max_context)
-    outputs = []
-    with torch.no_grad():
-        for ids, write, last in steps:
-            logits, caches = model(torch.from_numpy(ids), torch.from_numpy(write), torch.from_numpy(last), caches)
-            outputs.append(logits.numpy())
-    return outputs
-
-
 @pytest.mark.gpu
 @needs_runtime
 def test_tiny_engine_matches_the_fp32_reference(tmp_path):
+    from engines.greedy import teacher_forced
+    from export.reference_engine import ReferenceEngine
+
     config, max_context = CONFIGS["tiny"], 256
     spec, section = _export_and_build(tmp_path, "tiny", max_batch=4, max_context=max_context)
     engine = TensorRTEngine(tmp_path, spec, section)
 
     # A ragged batch: prompts of 5, 9 and 2 tokens, right-padded; then decode steps fed the fp32 reference's
-    # greedy tokens, so both runtimes see the same inputs however they rank the logits.
+    # greedy tokens, so every runtime sees the same inputs however it ranks the logits. The reference in fp16
+    # on the CPU runs alongside as a yardstick: what fp16 alone costs.
     rng = np.random.default_rng(0)
-    lengths = np.array([5, 9, 2])
-    prompt = rng.integers(13, config.vocab_size, size=(3, lengths.max()), dtype=np.int64)
-    steps, expected, ref_caches = _reference_greedy(tiny_model(config).float(), prompt, lengths, 6, max_context)
-    fp16_cpu = _reference_replay(tiny_model(config).half(), steps, max_context)  # fp16's own cost, a yardstick
+    lengths = [5, 9, 2]
+    prompt = rng.integers(13, config.vocab_size, size=(3, max(lengths)), dtype=np.int64)
+    prompts = [prompt[row, :n].tolist() for row, n in enumerate(lengths)]
+    fp32 = ReferenceEngine(tiny_model(config).float(), spec.max_batch, max_context)
+    fp16 = ReferenceEngine(tiny_model(config).half(), spec.max_batch, max_context)
 
-    state = engine.allocate(3)
-    graph_steps = 0
-    for (ids, write, last), want, fp16 in zip(steps, expected, fp16_cpu):
-        got = engine.step(state, ids, write, last)
+    decode_steps, graph_steps = 6, 0
+    for step in teacher_forced([fp32, engine, fp16], prompts, decode_steps):
+        want, got, fp16_logits = step.logits
         graph_steps += engine.last_step_used_graph
-        error, fp16_error = np.abs(got - want).max(), np.abs(fp16 - want).max()
+        error, fp16_error = np.abs(got - want).max(), np.abs(fp16_logits - want).max()
         agree = got.argmax(-1) == want.argmax(-1)
-        log.info("step seq=%d: max |TensorRT - fp32| = %.4g (fp16 torch: %.4g), top-1 agree %s", ids.shape[1],
-                 error, fp16_error, agree.tolist())
+        log.info("step seq=%d: max |TensorRT - fp32| = %.4g (fp16 torch: %.4g), top-1 agree %s",
+                 step.input_ids.shape[1], error, fp16_error, agree.tolist())
         assert error <= max(4 * fp16_error, 5e-2), f"TensorRT logits off by {error} (fp16 torch: {fp16_error})"
         assert agree.mean() >= 2 / 3, f"top-1 agrees on only {agree.tolist()}"
-    log.info("decode steps replayed from a CUDA graph: %d of %d", graph_steps, len(steps) - 1)
+    log.info("decode steps replayed from a CUDA graph: %d of %d", graph_steps, decode_steps)
 
     # The caches were advanced in place: every real position holds the reference's key.
-    key0 = engine.read_cache(state)[0][0].astype(np.float32)
-    ref_key0 = ref_caches[0][0].numpy()
-    written = steps[-1][1] + 1  # the last decode step wrote at write_indices
-    for row, end in enumerate(written):
+    key0 = engine.read_cache(step.states[1])[0][0].astype(np.float32)
+    ref_key0 = fp32.read_cache(step.states[0])[0][0]
+    for row, end in enumerate(step.filled):
         assert np.abs(key0[row, :, :end] - ref_key0[row, :, :end]).max() < 5e-2
 
 
@@ -322,8 +300,8 @@ def test_decode_step_time_at_short_and_long_context(tmp_path, record_property):
 def test_greedy_generation_equals_onnxruntime_fp16(tmp_path):
     """The TensorRT plan and ONNX Runtime, both on the same fp16 graph, generate the same greedy tokens."""
     from engines import Artifact, open_engine
+    from engines.greedy import greedy
     from export.build import ExportOptions, build
-    from export.parity import greedy
 
     out = build(ExportOptions(model="tiny", out=tmp_path / "art", dtype="float16", max_batch=3, max_context=128,
                               engine="tensorrt"))
@@ -331,6 +309,6 @@ def test_greedy_generation_equals_onnxruntime_fp16(tmp_path):
     assert artifact.manifest.parity.reports["tensorrt"]["passed"]  # export verified the plan on this GPU
     prompts = [[5, 17, 42, 99, 3], [5, 300, 12], [5]]
     tensorrt_engine, onnxruntime_engine = open_engine(artifact, "tensorrt"), open_engine(artifact, "onnxruntime")
-    ours = greedy(tensorrt_engine.step, tensorrt_engine.allocate(3), prompts, 16)
-    theirs = greedy(onnxruntime_engine.step, onnxruntime_engine.allocate(3), prompts, 16)
+    ours = greedy(tensorrt_engine, prompts, 16)
+    theirs = greedy(onnxruntime_engine, prompts, 16)
     assert ours == theirs
