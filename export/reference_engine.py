@@ -49,8 +49,9 @@ class ReferenceEngine(Engine):
 
     def _step(self, state: ReferenceState, input_ids, write_indices, logits_indices) -> np.ndarray:
         rows = input_ids.shape[0]
-        # The first `rows` rows of every cache are views: the model writes through them into the state.
-        caches = [(k[:rows], v[:rows]) for k, v in state.caches]
+        caches = state.caches
+        if rows < state.batch:  # views of the first `rows` rows: the model writes through them into the state
+            caches = [(k[:rows], v[:rows]) for k, v in caches]
         with torch.inference_mode():
             logits, _ = self.model(torch.from_numpy(input_ids), torch.from_numpy(write_indices),
                                    torch.from_numpy(logits_indices), caches)
