@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.cli import configure_logging
+
 from . import checkpoints, machine, report, runners
 from .profile import decode_step_profile
 
@@ -69,11 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_runners(size: str, folder: Path, artifact: Path, with_transformers: bool) -> list:
     """Every runtime on the same weights; ours first, the baseline last."""
-    made = [runners.Ours(artifact)]
-    generator_class = runners.serve_generator_class()
-    if generator_class is not None:
-        made.append(runners.Serve(artifact, generator_class))
-    made.append(runners.Reference(folder, checkpoints.MAX_CONTEXT))
+    made = [runners.Ours(artifact), runners.Serve(artifact),
+            runners.Reference(folder, checkpoints.MAX_BATCH, checkpoints.MAX_CONTEXT)]
     if with_transformers:
         made.append(runners.Transformers(folder))
     log.info("%s: benchmarking %s", size, ", ".join(r.name for r in made))
@@ -126,9 +125,7 @@ def measure(size: str, engines: list, plan: Plan, repeats: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("bench").setLevel(logging.INFO)
+    configure_logging(verbose=False, loggers=("bench",))
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

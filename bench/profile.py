@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from engines import Artifact
+from engines.greedy import greedy
 from engines.onnxruntime import OnnxRuntimeEngine
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,8 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
     engine = OnnxRuntimeEngine(opened.path(opened.manifest.graph.onnx_file), opened.spec, "cpu",
                                profile_prefix=str(out / "ort-profile"))
 
-    rng = np.random.default_rng(1)
-    state = engine.allocate(1)
-    token = engine.step(state, rng.integers(0, engine.spec.vocab_size, (1, prompt_tokens)), np.zeros(1, np.int64),
-                        np.array([prompt_tokens - 1])).argmax(-1)
-    for position in range(prompt_tokens, prompt_tokens + steps):
-        token = engine.step(state, token[:, None], np.array([position]), np.zeros(1, np.int64)).argmax(-1)
+    prompt = np.random.default_rng(1).integers(0, engine.spec.vocab_size, prompt_tokens).tolist()
+    greedy(engine, [prompt], 1 + steps)  # the prefill's token, then one per decode step
     trace_path = Path(engine.session.end_profiling())
     events = json.loads(trace_path.read_text())
 

@@ -1,9 +1,10 @@
 """The runtimes under test, each behind one call: greedy-generate ``new_tokens`` for a batch of equal-length
 prompts and say when each token came out.
 
-* ``ours``: the ONNX Runtime CPU engine on the artifact, driven step by step as ``export.parity.greedy`` does;
+* ``ours``: the ONNX Runtime CPU engine on the artifact, driven by ``engines.greedy.greedy``;
 * ``serve``: the same engine through ``serve.Generator`` (tokenizer, sampler, detokenizer and stop checks included);
-* ``reference``: the reference PyTorch model in eager mode, on the same static KV cache shape;
+* ``reference``: the reference PyTorch model in eager mode, as an engine (``export.reference_engine``) on the same
+  static KV cache shape, driven by the same loop;
 * ``transformers``: HF ``CohereForCausalLM.generate``, fp32, greedy, the baseline users know.
 
 Every runner starts its clock before allocating its KV cache, so time to first token includes it, as it does for
@@ -13,14 +14,14 @@ transformers (whose cache is created inside ``generate``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from engines.base import Engine
+from engines.greedy import greedy
 
 
 @dataclasses.dataclass
@@ -39,17 +40,12 @@ class Timing:
         return self.decode_s / self.decode_steps
 
 
-def _timed_greedy(step, new_state, prompts: np.ndarray, new_tokens: int) -> Timing:
-    """Greedy generation on a static-cache step function ``step(state, ids, write_indices, logits_indices)``."""
-    batch, length = prompts.shape
-    zeros = np.zeros(batch, np.int64)
+def _timed_greedy(engine: Engine, prompts: np.ndarray, new_tokens: int) -> Timing:
+    """``engines.greedy.greedy`` with a clock: started before the engine allocates its cache, read per token."""
+    rows = prompts.tolist()
+    token_times: list[float] = []
     started = time.perf_counter()
-    state = new_state(batch)
-    tokens = step(state, prompts, zeros, np.full(batch, length - 1, np.int64)).argmax(-1)
-    token_times = [time.perf_counter()]
-    for position in range(length, length + new_tokens - 1):
-        tokens = step(state, tokens[:, None].astype(np.int64), np.full(batch, position, np.int64), zeros).argmax(-1)
-        token_times.append(time.perf_counter())
+    greedy(engine, rows, new_tokens, on_token=lambda tokens: token_times.append(time.perf_counter()))
     return Timing.from_token_times(started, token_times)
 
 
@@ -62,14 +58,16 @@ class Ours:
         self.engine = open_engine(Artifact.open(artifact), "onnxruntime-cpu")
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
-        return _timed_greedy(self.engine.step, self.engine.allocate, prompts, new_tokens)
+        return _timed_greedy(self.engine, prompts, new_tokens)
 
 
 class Serve:
     name = "serve"
 
-    def __init__(self, artifact: Path, generator_class):
-        self.generator = generator_class(artifact, backend="onnxruntime-cpu")
+    def __init__(self, artifact: Path):
+        from serve import Generator
+
+        self.generator = Generator(artifact, backend="onnxruntime-cpu")
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
         results = self.generator.generate([row.tolist() for row in prompts], max_new_tokens=new_tokens,
@@ -82,35 +80,16 @@ class Serve:
         return Timing(ttft_s=first.time_to_first_token_s, decode_s=decode_s, decode_steps=max(steps, 1))
 
 
-def serve_generator_class():
-    """``serve.Generator`` if the serve package provides it; None (and why, logged) if not."""
-    try:
-        import serve
-
-        return serve.Generator
-    except Exception as e:  # serve/ is being written concurrently: anything it raises means "not there yet"
-        log.warning("not benchmarking serve.Generator: %s: %s", type(e).__name__, e)
-        return None
-
-
 class Reference:
     name = "reference"
 
-    def __init__(self, checkpoint: Path, max_context: int):
-        from reference import load_model
+    def __init__(self, checkpoint: Path, max_batch: int, max_context: int):
+        from export.reference_engine import ReferenceEngine
 
-        self.model, _ = load_model(checkpoint, torch.float32)
-        self.max_context = max_context
-
-    def _step(self, caches, input_ids, write_indices, logits_indices):
-        with torch.inference_mode():
-            logits, _ = self.model(torch.from_numpy(input_ids), torch.from_numpy(write_indices),
-                                   torch.from_numpy(logits_indices), caches)
-        return logits.numpy()
+        self.engine = ReferenceEngine.load(checkpoint, max_batch, max_context, torch.float32)
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
-        return _timed_greedy(self._step, lambda batch: self.model.new_caches(batch, self.max_context), prompts,
-                             new_tokens)
+        return _timed_greedy(self.engine, prompts, new_tokens)
 
 
 class Transformers:

@@ -1,8 +1,9 @@
 """Trace the reference model into the one ONNX graph that both ONNX Runtime and TensorRT accept.
 
-The form (measured in shared/TENSORRT.md): opset 24; per layer a static cache ``[batch, kv_heads, max_context,
-head_dim]`` updated by ``TensorScatter`` at per-row write indices; one single-output ``Attention`` over the whole
-cache with an explicit boolean mask; interleaved ``RotaryEmbedding``; ``LayerNormalization`` without bias.
+The form (docs/graph-form.md says why, and what else was measured): opset 24; per layer a static cache
+``[batch, kv_heads, max_context, head_dim]`` updated by ``TensorScatter`` at per-row write indices; one
+single-output ``Attention`` over the whole cache with an explicit boolean mask; interleaved ``RotaryEmbedding``;
+``LayerNormalization`` without bias.
 Batch and sequence length are dynamic; max_context is a fixed number, as TensorRT's KV-cache layer needs.
 """
 
@@ -12,8 +13,8 @@ import logging
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
+from onnxscript import ir
 
 from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, GraphSpec, past_names,
                           present_names)
@@ -56,7 +57,8 @@ def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path) -> Path
     cache_dims = {0: batch}
     # *flat_caches is one positional group to torch.export, so its shapes nest as one tuple.
     slots = torch.export.Dim("kv_slots", min=1, max=spec.max_context)
-    dynamic_shapes = ({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: slots}, tuple([cache_dims] * (2 * spec.num_layers)))
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: slots},
+                      tuple([cache_dims] * (2 * spec.num_layers)))
     input_names = [INPUT_IDS, WRITE_INDICES, LOGITS_INDICES, KV_SLOTS]
     output_names = [LOGITS]
     for layer in range(spec.num_layers):
@@ -72,15 +74,8 @@ def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path) -> Path
             DecoderStep(model), example_inputs(spec), dynamo=True, opset_version=OPSET,
             input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
             optimize=True, verbose=False, report=False)
-        # Weights always go to external data: one layout for every model size, and no 2 GB protobuf limit.
-        program.save(str(path), external_data=True)
-    _rename_external_data(path)
+        # Weights always go to external data, in the file the manifest names: one layout for every model size,
+        # and no 2 GB protobuf limit. ``ir.save`` streams each tensor to disk, as ``program.save`` does (which
+        # would choose the data file's name itself).
+        ir.save(program.model, path, external_data=DATA_FILE)
     return path
-
-
-def _rename_external_data(path: Path) -> None:
-    """The exporter names the data file after the model; make sure it is ``DATA_FILE`` whatever it chose."""
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    if locations and locations != {DATA_FILE}:
-        raise RuntimeError(f"ONNX export wrote external data to {sorted(locations)}, expected {DATA_FILE}")

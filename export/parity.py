@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 import numpy as np
 import torch
 
 from engines.base import Engine
+from engines.cli import configure_logging
+from engines.greedy import greedy, right_pad, teacher_forced
 
-log = logging.getLogger(__name__)
+from .reference_engine import ReferenceEngine
+
+# greedy and right_pad live in engines.greedy; callers that know them from here still find them.
+__all__ = ["measure", "format_table", "greedy", "right_pad", "scenario", "Tolerance", "TOLERANCES", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,42 +70,30 @@ def scenario(vocab_size: int, max_batch: int, max_context: int, seed: int = 0) -
     return prompts, max(1, min(8, max_context - longest - 1))
 
 
-def right_pad(prompts: list[list[int]], pad: int = 0) -> np.ndarray:
-    width = max(map(len, prompts))
-    return np.array([p + [pad] * (width - len(p)) for p in prompts], dtype=np.int64)
+def measure(reference: Engine | torch.nn.Module, engine: Engine, seed: int = 0) -> dict:
+    """Run the scenario on both and return the report (dict, JSON-ready) with pass/fail per output.
 
-
-def measure(reference: torch.nn.Module, engine: Engine, seed: int = 0) -> dict:
-    """Run the scenario on both and return the report (dict, JSON-ready) with pass/fail per output."""
+    ``reference``: a ``ReferenceEngine``, or the reference model itself (wrapped in one of the engine's bounds).
+    """
     spec = engine.spec
+    if not isinstance(reference, Engine):
+        reference = ReferenceEngine(reference, spec.max_batch, spec.max_context)
     prompts, decode_steps = scenario(spec.vocab_size, spec.max_batch, spec.max_context, seed)
-    batch = len(prompts)
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     logits_err, cache_err, agree, compared = ErrorStats(), ErrorStats(), 0, 0
 
-    ref_caches = reference.new_caches(batch, spec.max_context)
-    state = engine.allocate(batch)
-    input_ids, write_indices, logits_indices = right_pad(prompts), np.zeros(batch, np.int64), lengths - 1
-    for _ in range(1 + decode_steps):
-        with torch.no_grad():
-            ref_logits, ref_caches = reference(torch.from_numpy(input_ids), torch.from_numpy(write_indices),
-                                               torch.from_numpy(logits_indices), ref_caches)
-        ref_logits = ref_logits.numpy()
-        ours = engine.step(state, input_ids, write_indices, logits_indices)
+    for step in teacher_forced([reference, engine], prompts, decode_steps):
+        ref_logits, ours = step.logits
+        ref_state, state = step.states
         logits_err.add(ours, ref_logits)
         agree += int((ours.argmax(-1) == ref_logits.argmax(-1)).sum())
-        compared += batch
-        valid = write_indices + logits_indices + 1  # slots holding real tokens, per row
-        for (k, v), (rk, rv) in zip(engine.read_cache(state), ref_caches):
-            for b in range(batch):
-                cache_err.add(k[b, :, :valid[b]], rk[b, :, :valid[b]].float().numpy())
-                cache_err.add(v[b, :, :valid[b]], rv[b, :, :valid[b]].float().numpy())
-        input_ids = ref_logits.argmax(-1)[:, None].astype(np.int64)
-        write_indices, logits_indices = valid, np.zeros(batch, np.int64)
+        compared += len(prompts)
+        for (k, v), (rk, rv) in zip(engine.read_cache(state), reference.read_cache(ref_state)):
+            for b, filled in enumerate(step.filled):  # only the slots holding real tokens of the row
+                cache_err.add(k[b, :, :filled], rk[b, :, :filled])
+                cache_err.add(v[b, :, :filled], rv[b, :, :filled])
 
-    greedy_ref = greedy(lambda *a: _reference_step(reference, *a), reference.new_caches(batch, spec.max_context),
-                        prompts, decode_steps)
-    greedy_ours = greedy(engine.step, engine.allocate(batch), prompts, decode_steps)
+    greedy_ref = greedy(reference, prompts, decode_steps)
+    greedy_ours = greedy(engine, prompts, decode_steps)
 
     tol = TOLERANCES[spec.dtype]
     scale_l = logits_err.ref_max_abs if spec.dtype == "float16" else 1.0
@@ -117,37 +109,14 @@ def measure(reference: torch.nn.Module, engine: Engine, seed: int = 0) -> dict:
     rows.append({"output": "greedy_continuation", "value": "equal" if same else "differs",
                  "tolerance": "equal" if tol.greedy_must_match else "reported", "passed":
                  same or not tol.greedy_must_match})
-    return {"backend": engine.backend, "dtype": spec.dtype, "reference_dtype": str(reference.dtype).split(".")[-1],
-            "prompt_lengths": lengths.tolist(), "decode_steps": decode_steps, "rows": rows,
+    return {"backend": engine.backend, "dtype": spec.dtype, "reference_dtype": reference.spec.dtype,
+            "prompt_lengths": [len(p) for p in prompts], "decode_steps": decode_steps, "rows": rows,
             "greedy_tokens_equal": same, "passed": all(r["passed"] for r in rows)}
 
 
 def _row(name: str, err: ErrorStats, bound: float) -> dict:
     return {"output": name, "max_abs": err.max_abs, "max_rel": err.max_rel, "tolerance": f"max_abs <= {bound:.3g}",
             "passed": err.max_abs <= bound}
-
-
-def _reference_step(model, caches, input_ids, write_indices, logits_indices):
-    with torch.no_grad():
-        logits, _ = model(torch.from_numpy(input_ids), torch.from_numpy(write_indices),
-                          torch.from_numpy(logits_indices), caches)
-    return logits.numpy()
-
-
-def greedy(step, state, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy continuation of every prompt, all rows in one batch: ``step(state, ids, write, logits_idx)``."""
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    logits = step(state, right_pad(prompts), np.zeros(len(prompts), np.int64), lengths - 1)
-    out = [[] for _ in prompts]
-    positions = lengths
-    for i in range(new_tokens):
-        tokens = logits.argmax(-1)
-        for row, t in zip(out, tokens):
-            row.append(int(t))
-        if i + 1 < new_tokens:
-            logits = step(state, tokens[:, None].astype(np.int64), positions, np.zeros(len(prompts), np.int64))
-            positions = positions + 1
-    return out
 
 
 def format_table(report: dict) -> str:
@@ -168,7 +137,7 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from engines import BACKENDS, Artifact, ArtifactError, EngineError, open_engine
-    from reference import CheckpointError, ConfigError, ModelNotFoundError, load_model
+    from reference import CheckpointError, ConfigError, ModelNotFoundError
 
     parser = argparse.ArgumentParser(
         prog="python -m export.parity",
@@ -180,13 +149,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "recorded in its manifest)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt tokens (default: 0)")
     args = parser.parse_args(argv)
-    from .__main__ import configure_logging
-
-    configure_logging(verbose=False)
+    configure_logging(verbose=False, loggers=("reference", "export", "engines"))
     try:
         artifact = Artifact.open(args.artifact)
         engine = open_engine(artifact, args.backend)
-        reference, _ = load_model(args.model or artifact.manifest.source.model, torch.float32)
+        reference = ReferenceEngine.load(args.model or artifact.manifest.source.model, engine.spec.max_batch,
+                                         engine.spec.max_context)
         report = measure(reference, engine, args.seed)
     except (ArtifactError, EngineError, ConfigError, CheckpointError, ModelNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

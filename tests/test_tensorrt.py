@@ -30,7 +30,7 @@ from engines.onnxruntime import OnnxRuntimeEngine, execution_providers
 from engines.tensorrt import TensorRTEngine, plan_mismatch, runtime_available
 from engines.tensorrt_build import PLAN_FILE, build_plan, builder_config, import_builder, unsupported_graph_forms
 from export.onnx_graph import export_onnx
-from export.parity import TOLERANCES, right_pad
+from export.parity import TOLERANCES
 from reference.checkpoint import tiny_model
 from reference.config import CohereConfig
 from reference.model import CohereForCausalLM
@@ -300,67 +300,45 @@ def test_runtime_available_explains_itself():
 # ------------------------------------------------------------------------------------------------ GPU runtime
 
 
-def _reference_greedy(model, prompt, lengths, decode_steps: int, max_context: int):
-    """Prefill a right-padded ragged batch, then decode greedily; returns the steps fed, logits, final caches."""
-    batch = prompt.shape[0]
-    caches = model.new_caches(batch, max_context)
-    ids, write, last = prompt, np.zeros(batch, np.int64), lengths - 1
-    steps, outputs = [], []
-    with torch.no_grad():
-        for _ in range(decode_steps + 1):
-            logits, caches = model(torch.from_numpy(ids), torch.from_numpy(write), torch.from_numpy(last), caches)
-            steps.append((ids, write, last))
-            outputs.append(logits.numpy())
-            ids, write, last = logits.argmax(-1)[:, None].numpy(), write + last + 1, np.zeros(batch, np.int64)
-    return steps, outputs, caches
-
-
-def _reference_replay(model, steps, max_context: int):
-    caches = model.new_caches(steps[0][0].shape[0], max_context)
-    outputs = []
-    with torch.no_grad():
-        for ids, write, last in steps:
-            logits, caches = model(torch.from_numpy(ids), torch.from_numpy(write), torch.from_numpy(last), caches)
-            outputs.append(logits.numpy())
-    return outputs
-
-
 @pytest.mark.gpu
 @needs_runtime
 def test_tiny_engine_matches_the_fp32_reference(tmp_path):
+    from engines.greedy import teacher_forced
+    from export.reference_engine import ReferenceEngine
+
     config, max_context = CONFIGS["tiny"], 256
     spec, section = _export_and_build(tmp_path, "tiny", max_batch=4, max_context=max_context)
     engine = TensorRTEngine(tmp_path, spec, section)
 
     # A ragged batch: prompts of 5, 9 and 2 tokens, right-padded; then decode steps fed the fp32 reference's
-    # greedy tokens, so both runtimes see the same inputs however they rank the logits.
+    # greedy tokens, so every runtime sees the same inputs however it ranks the logits. The reference in fp16
+    # on the CPU runs alongside as a yardstick: what fp16 alone costs.
     rng = np.random.default_rng(0)
-    lengths = np.array([5, 9, 2])
-    prompt = rng.integers(13, config.vocab_size, size=(3, lengths.max()), dtype=np.int64)
-    steps, expected, ref_caches = _reference_greedy(tiny_model(config).float(), prompt, lengths, 6, max_context)
-    fp16_cpu = _reference_replay(tiny_model(config).half(), steps, max_context)  # fp16's own cost, a yardstick
+    lengths = [5, 9, 2]
+    prompt = rng.integers(13, config.vocab_size, size=(3, max(lengths)), dtype=np.int64)
+    prompts = [prompt[row, :n].tolist() for row, n in enumerate(lengths)]
+    fp32 = ReferenceEngine(tiny_model(config).float(), spec.max_batch, max_context)
+    fp16 = ReferenceEngine(tiny_model(config).half(), spec.max_batch, max_context)
 
-    state = engine.allocate(3)
-    graph_steps = 0
-    for (ids, write, last), want, fp16 in zip(steps, expected, fp16_cpu):
-        got = engine.step(state, ids, write, last)
+    decode_steps, graph_steps = 6, 0
+    for step in teacher_forced([fp32, engine, fp16], prompts, decode_steps):
+        want, got, fp16_logits = step.logits
         graph_steps += engine.last_step_used_graph
-        error, fp16_error = np.abs(got - want).max(), np.abs(fp16 - want).max()
+        error, fp16_error = np.abs(got - want).max(), np.abs(fp16_logits - want).max()
         agree = got.argmax(-1) == want.argmax(-1)
-        log.info("step seq=%d: max |TensorRT - fp32| = %.4g (fp16 torch: %.4g), top-1 agree %s", ids.shape[1],
-                 error, fp16_error, agree.tolist())
+        log.info("step seq=%d: max |TensorRT - fp32| = %.4g (fp16 torch: %.4g), top-1 agree %s",
+                 step.input_ids.shape[1], error, fp16_error, agree.tolist())
         assert error <= max(4 * fp16_error, 5e-2), f"TensorRT logits off by {error} (fp16 torch: {fp16_error})"
         assert agree.mean() >= 2 / 3, f"top-1 agrees on only {agree.tolist()}"
-    log.info("decode steps replayed from a CUDA graph: %d of %d", graph_steps, len(steps) - 1)
+    log.info("decode steps replayed from a CUDA graph: %d of %d", graph_steps, decode_steps)
     # The prefill and the first decode step (which binds the decode context) run eagerly; every later decode step
     # replays the graph, although prefill ran on the same engine in between (it has its own context).
-    assert graph_steps == len(steps) - 2
+    assert graph_steps == decode_steps - 1
 
     # The caches were advanced in place: every real position holds the reference's key.
-    key0 = engine.read_cache(state)[0][0].astype(np.float32)
-    ref_key0 = ref_caches[0][0].numpy()
-    written = steps[-1][1] + 1  # the last decode step wrote at write_indices
-    for row, end in enumerate(written):
+    key0 = engine.read_cache(step.states[1])[0][0].astype(np.float32)
+    ref_key0 = fp32.read_cache(step.states[0])[0][0]
+    for row, end in enumerate(step.filled):
         assert np.abs(key0[row, :, :end] - ref_key0[row, :, :end]).max() < 5e-2
 
 
@@ -431,6 +409,7 @@ def test_greedy_generation_equals_onnxruntime_fp16(tmp_path):
     implementations may rank a near-tie either way, so near-ties are not compared, and both are fed ONNX Runtime's
     token at every step so that one near-tie does not make every later step differ."""
     from engines import Artifact, open_engine
+    from engines.greedy import teacher_forced
     from export.build import ExportOptions, build
 
     out = build(ExportOptions(model="tiny", out=tmp_path / "art", dtype="float16", max_batch=3, max_context=128,
@@ -438,22 +417,18 @@ def test_greedy_generation_equals_onnxruntime_fp16(tmp_path):
     artifact = Artifact.open(out)
     assert artifact.manifest.parity.reports["tensorrt"]["passed"]  # export verified the plan on this GPU
     prompts = [[5, 17, 42, 99, 3], [5, 300, 12], [5]]
-    lengths = np.array([len(p) for p in prompts])
-    ids, write, last = right_pad(prompts), np.zeros(3, np.int64), lengths - 1
-    compared, steps = 0, 16
-    with open_engine(artifact, "tensorrt") as ours, open_engine(artifact, "onnxruntime") as theirs:
-        our_state, their_state = ours.allocate(3), theirs.allocate(3)
-        for step in range(steps):
-            our_logits = ours.step(our_state, ids, write, last)
-            their_logits = theirs.step(their_state, ids, write, last)
+    compared, decode_steps = 0, 15
+    with open_engine(artifact, "onnxruntime") as theirs, open_engine(artifact, "tensorrt") as ours:
+        # Both are fed ONNX Runtime's token at every step (it is the first engine).
+        for i, step in enumerate(teacher_forced([theirs, ours], prompts, decode_steps)):
+            their_logits, our_logits = step.logits
             # The parity rule's fp16 bound: relative to the logits' magnitude, as fp16 error grows with it.
             bound = TOLERANCES["float16"].logits_max_abs * np.abs(their_logits).max()
             second, first = np.sort(their_logits, axis=-1)[:, -2:].T
             clear = first - second > bound
             differ = our_logits.argmax(-1) != their_logits.argmax(-1)
-            assert not (clear & differ).any(), (f"step {step}: rows {np.flatnonzero(clear & differ).tolist()} pick "
+            assert not (clear & differ).any(), (f"step {i}: rows {np.flatnonzero(clear & differ).tolist()} pick "
                                                 f"another token where the top-two gap exceeds {bound:.3g}")
             compared += int(clear.sum())
-            ids, write, last = their_logits.argmax(-1)[:, None], write + last + 1, np.zeros(3, np.int64)
-    log.info("greedy tokens compared where the choice is clear: %d of %d", compared, 3 * steps)
+    log.info("greedy tokens compared where the choice is clear: %d of %d", compared, 3 * (1 + decode_steps))
     assert compared > 0, "no step had a clear greedy choice, so nothing was compared"
