@@ -103,8 +103,8 @@ class CohereAttention(nn.Module):
         k = rotary_embedding(k.transpose(1, 2), cos, sin, positions)
         k_cache = kv_cache_update(k_cache, k, write_indices)  # keys are cached after RoPE
         v_cache = kv_cache_update(v_cache, v.transpose(1, 2), write_indices)
-        out = F.scaled_dot_product_attention(q, k_cache[:, :, :attend], v_cache[:, :, :attend], attn_mask=mask, scale=self.head_dim ** -0.5,
-                                             enable_gqa=self.kv_heads != self.heads)
+        out = F.scaled_dot_product_attention(q, k_cache[:, :, :attend], v_cache[:, :, :attend], attn_mask=mask,
+                                             scale=self.head_dim ** -0.5, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), k_cache, v_cache
 
 

@@ -41,7 +41,8 @@ COHERE_TOOLS = [
     },
     {
         "name": "directly_answer",
-        "description": "Calls a standard (un-augmented) AI chatbot to generate a response given the conversation history",
+        "description": "Calls a standard (un-augmented) AI chatbot to generate a response given the conversation "
+                       "history",
         "parameter_definitions": {},
     },
 ]
@@ -96,7 +97,8 @@ TOOL_ROUND = [
         "content": None,
         "tool_plan": "I will look up the weather and the time.",
         "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}},
+            {"id": "call_0", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}},
             {"id": "call_1", "type": "function", "function": {"name": "now", "arguments": {}}},
         ],
     },
@@ -328,7 +330,8 @@ def test_selects_template_by_tools_and_documents(tiny_templates):
 def test_string_template_renders_everything():
     # A checkpoint with one string template uses it for tools and documents too, as transformers does.
     chat = ChatTemplates.from_tokenizer_config(
-        {"chat_template": "{{ bos_token }}{{ (tools or [])|length }} {{ (documents or [])|length }}", "bos_token": {"content": "<s>"}}
+        {"chat_template": "{{ bos_token }}{{ (tools or [])|length }} {{ (documents or [])|length }}",
+         "bos_token": {"content": "<s>"}}
     )
     assert chat.render(MULTI_TURN, tools=COHERE_TOOLS) == "<s>2 0"
     assert chat.render(MULTI_TURN, documents=DOCUMENTS) == "<s>0 3"
@@ -336,7 +339,8 @@ def test_string_template_renders_everything():
 
 def test_tojson_and_globals_follow_transformers():
     chat = ChatTemplates(
-        {"default": "{{ messages[0].content|tojson }}|{{ {'a': '<ü>'}|tojson(indent=1) }}|{{ strftime_now('%Y')|length }}"
+        {"default": "{{ messages[0].content|tojson }}|{{ {'a': '<ü>'}|tojson(indent=1) }}"
+                    "|{{ strftime_now('%Y')|length }}"
                     "|{% set ns = namespace(n=1) %}{% set ns.n = ns.n + 1 %}{{ ns.n }}|{{ dict(x=1) }}"
                     "|{% for i in [1, 2, 3] %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}"
                     "|{% generation %}kept{% endgeneration %}"},
@@ -358,7 +362,8 @@ def test_tojson_and_globals_follow_transformers():
         ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], r"message 0 \(user\) content is a list"),
         ([{"role": "user", "content": "hi", "tool_calls": [{"name": "x"}]}], "only assistant messages"),
         ([{"role": "assistant", "tool_calls": "x"}], "tool_calls must be a list of dicts"),
-        ([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}], "Conversation roles must alternate"),
+        ([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}],
+         "Conversation roles must alternate"),
         ([{"role": "assistant", "content": "I start"}], "Conversation roles must alternate"),
     ],
 )
@@ -458,7 +463,8 @@ def test_config_errors():
 def test_tiny_tokenizer_layout(tokenizer):
     assert tokenizer.get_vocab_size(with_added_tokens=True) == 1024
     expected = ["<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>", "<EOP_TOKEN>",
-                "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"]
+                "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+                "<|SYSTEM_TOKEN|>"]
     assert [tokenizer.token_to_id(token) for token in expected] == list(range(13))
     assert tokenizer.encode("Hello").ids[0] == 5  # the post-processor prepends BOS
 

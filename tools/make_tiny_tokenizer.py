@@ -131,7 +131,8 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
     """Fail loudly if training did not give the layout the model and the tests rely on."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != VOCAB_SIZE:
-        raise SystemExit(f"vocabulary has {size} entries, expected {VOCAB_SIZE}: the corpus is too small to train that many merges")
+        raise SystemExit(f"vocabulary has {size} entries, expected {VOCAB_SIZE}: the corpus is too small to train "
+                         "that many merges")
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         got = tokenizer.token_to_id(token)
         if got != expected_id:
