@@ -15,7 +15,7 @@ import torch
 from engines import ArtifactError
 from serve import Generator, SamplingParams
 from serve.chat import ChatTemplates
-from serve.generator import defaults_from_generation_config, sample_token, token_probabilities
+from serve.sampling import defaults_from_generation_config, sample_token, token_probabilities
 
 REPO = Path(__file__).resolve().parents[1]
 END_OF_TURN = 9  # the tiny tokenizer's <|END_OF_TURN_TOKEN|>, also its eos
@@ -92,7 +92,7 @@ def test_sampled_batch_equals_each_alone(gen):
 
 def test_a_batch_steps_only_the_rows_up_to_its_last_live_one(gen):
     """A lone request in a 4-row batch runs one row per step, not four."""
-    from serve.generator import Batch
+    from serve.batch import Batch
 
     rows_stepped = []
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from serve import Generator
-from serve import server as server_module
+from serve import replies as replies_module
 from serve.chat import ChatTemplates
 from serve.parsing import parse_grounded_answer, parse_tool_calls
 from serve.scheduler import Scheduler
-from serve.server import MAX_BODY_BYTES, create_app
+from serve.server import MAX_BODY_BYTES, GracefulServer, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
@@ -64,7 +63,7 @@ class Server:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = GracefulServer(app, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -168,7 +167,7 @@ def test_tool_calls(client, gen, monkeypatch):
     assert unparsed.choices[0].message.content == expected.text and unparsed.choices[0].message.tool_calls is None
     assert unparsed.usage.prompt_tokens == expected.prompt_tokens  # the tool reached the (stand-in) template
     # What the server makes of a well-formed Action list, whatever the model wrote.
-    monkeypatch.setattr(server_module, "parse_tool_calls", lambda text: parse_tool_calls(ACTION))
+    monkeypatch.setattr(replies_module, "parse_tool_calls", lambda text: parse_tool_calls(ACTION))
     reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=6)
     [call] = reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
@@ -198,7 +197,7 @@ def test_rag_citations(client, gen, monkeypatch):
     expected = gen.chat(messages, documents=documents, max_new_tokens=6, temperature=0.8, seed=2)
     assert unparsed.choices[0].message.content == expected.text
     assert unparsed.choices[0].message.model_extra["citations"] == []
-    monkeypatch.setattr(server_module, "parse_grounded_answer", lambda text: parse_grounded_answer(GROUNDED))
+    monkeypatch.setattr(replies_module, "parse_grounded_answer", lambda text: parse_grounded_answer(GROUNDED))
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
                                            extra_body={"documents": documents, "citation_mode": "fast"})
     message = reply.choices[0].message
