@@ -164,47 +164,47 @@ class Batch:
     def __init__(self, engine: Engine, rows: int, pad_token_id: int, max_step_tokens: int | None = None):
         self.engine = engine
         self.state = engine.allocate(rows)
-        self.slots: list[Sequence | None] = [None] * rows
+        self.rows: list[Sequence | None] = [None] * rows
         self.pad_token_id = pad_token_id
         self.max_step_tokens = max_step_tokens
 
     @property
     def live(self) -> list[Sequence]:
-        return [seq for seq in self.slots if seq is not None]
+        return [seq for seq in self.rows if seq is not None]
 
     @property
-    def free_slots(self) -> int:
-        return self.slots.count(None)
+    def free_rows(self) -> int:
+        return self.rows.count(None)
 
     def add(self, seq: Sequence) -> int:
         """Put ``seq`` in the lowest free row; returns that row."""
-        if None not in self.slots:
-            raise RuntimeError(f"all {len(self.slots)} rows of the batch are taken")
+        if None not in self.rows:
+            raise RuntimeError(f"all {len(self.rows)} rows of the batch are taken")
         if seq.position != 0:
             raise ValueError("a sequence enters a batch before its prompt is in any cache")
-        row = self.slots.index(None)
-        self.slots[row] = seq
+        row = self.rows.index(None)
+        self.rows[row] = seq
         return row
 
     def release(self, row: int) -> None:
         """Free a row whose sequence will not be stepped again (cancelled, or failed with the engine). Its cache is
         dead: the next sequence's prefill overwrites it from slot 0."""
-        self.slots[row] = None
+        self.rows[row] = None
 
     def step(self) -> list[Sequence]:
-        """One engine call; returns the sequences that sampled a token (finished ones have left their slot)."""
+        """One engine call; returns the sequences that sampled a token (finished ones have left their row)."""
         live = self.live
         if not live:
             return []
         max_context = self.engine.spec.max_context
         width = min(max(len(seq.pending) for seq in live), min(max_context - seq.position for seq in live),
                     self.max_step_tokens or max_context)
-        rows = max(row for row, seq in enumerate(self.slots) if seq is not None) + 1
+        rows = max(row for row, seq in enumerate(self.rows) if seq is not None) + 1
         input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)
         write_indices = np.zeros(rows, dtype=np.int64)
         logits_indices = np.zeros(rows, dtype=np.int64)
         fed = [0] * rows
-        for row, seq in enumerate(self.slots[:rows]):
+        for row, seq in enumerate(self.rows[:rows]):
             if seq is None:
                 continue
             chunk = seq.pending[:width]
@@ -214,7 +214,7 @@ class Batch:
             logits_indices[row] = len(chunk) - 1
         logits = self.engine.step(self.state, input_ids, write_indices, logits_indices)
         sampled = []
-        for row, seq in enumerate(self.slots[:rows]):
+        for row, seq in enumerate(self.rows[:rows]):
             if seq is None:
                 continue
             seq.consumed(fed[row])
@@ -223,5 +223,5 @@ class Batch:
             seq.accept_logits(logits[row])
             sampled.append(seq)
             if seq.finished:
-                self.slots[row] = None
+                self.rows[row] = None
         return sampled

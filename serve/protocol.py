@@ -65,7 +65,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class SamplingFields(_Body):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,7 +81,7 @@ class _Sampling(_Body):
     user: str | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
@@ -90,7 +90,7 @@ class ChatCompletionRequest(_Sampling):
     citation_mode: Literal["accurate", "fast"] = "accurate"
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[int]
 
 

@@ -164,7 +164,7 @@ class Scheduler:
         self._waiting = collections.deque(kept)
 
     def _admit(self) -> None:
-        while self._waiting and self.batch.free_slots:
+        while self._waiting and self.batch.free_rows:
             ticket = self._waiting.popleft()
             self._running[self.batch.add(ticket.seq)] = ticket
 

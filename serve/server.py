@@ -7,13 +7,18 @@ Routes (``/v1`` routes check the API key, when one is set, as ``Authorization: B
 
 * ``POST /v1/chat/completions``: OpenAI's chat request: ``messages``, ``tools`` (``{"type": "function",
   "function": {name, description, parameters}}``), ``tool_choice`` ("auto" or "none"), ``stream``,
-  ``stream_options.include_usage``, ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``,
-  ``seed``, ``stop``, ``n`` (1 only). Extensions: ``top_k``, ``min_p``, ``repetition_penalty``; ``documents``
-  (a list of ``{"title": ..., "text": ...}`` string maps) renders Command-R's grounded-generation (RAG) prompt,
-  and ``citation_mode`` ("accurate" or "fast") picks its style.
+  ``stream_options.include_usage``, ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (finite; one in
+  (0, 0.01) samples as 0.01, as vLLM), ``top_p``, ``seed`` (any int64, as vLLM), ``stop`` (at most 4 strings of at
+  most 256 characters, as OpenAI), ``n`` (1 only). Extensions: ``top_k``, ``min_p``, ``repetition_penalty``;
+  ``documents`` (a list of ``{"title": ..., "text": ...}`` string maps) renders Command-R's grounded-generation
+  (RAG) prompt, and ``citation_mode`` ("accurate" or "fast") picks its style.
 * ``POST /v1/completions``: raw text continuation; ``prompt`` is a string or a list of token ids.
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served, named after the artifact folder.
 * ``GET /health``: 200 while the scheduler runs, 503 otherwise. ``GET /metrics``: Prometheus text format.
+
+Special tokens written in message content (``<|START_OF_TURN_TOKEN|>``) become control tokens, as in transformers,
+vLLM and TGI; ``python -m serve --split-special-tokens`` encodes chat content as plain text instead (as OpenAI does),
+the template's own markup still as control tokens (see serve/tokens.py).
 
 Fields a request leaves out take the artifact's generation_config.json defaults (or the server's sampling flags);
 ``max_tokens`` defaults to that ``max_new_tokens``, clipped to the room left in the context. A request's explicit
@@ -66,9 +71,25 @@ from . import replies
 from .batch import GenerationResult
 from .generator import Generator
 from .metrics import CountRequests, Metrics
-from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatDelta, Completion, CompletionChoice, CompletionRequest, ErrorInfo, ErrorResponse,
-                       Message, ModelCard, ModelList, ToolDef, Reply, _Sampling)
+from .protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    Message,
+    ModelCard,
+    ModelList,
+    Reply,
+    ToolDef,
+    SamplingFields,
+)
 from .sampling import SamplingParams
 from .scheduler import Overloaded, Scheduler, Stopped, Ticket
 
@@ -164,6 +185,7 @@ class Service:
         self.created = int(time.time())
         self.max_context = generator.spec.max_context
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._grace_ended: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -179,9 +201,13 @@ class Service:
         """The server stopped accepting: requests in flight get ``shutdown_grace_s`` to finish, then the scheduler
         stops, which ends each one still running with an error event (``("stopped", ...)`` on its ticket)."""
         log.info("shutting down: in-flight requests have %.0f s to finish", self.shutdown_grace_s)
-        loop = asyncio.get_running_loop()
-        self._grace_timer = loop.call_later(self.shutdown_grace_s,
-                                            lambda: loop.create_task(asyncio.to_thread(self.scheduler.stop)))
+        self._grace_timer = asyncio.get_running_loop().call_later(self.shutdown_grace_s, self._end_grace)
+
+    def _end_grace(self) -> None:
+        if self.scheduler.active or self.scheduler.waiting:
+            log.warning("the shutdown grace is over: ending %d running and %d waiting requests with an error",
+                        self.scheduler.active, self.scheduler.waiting)
+        self._grace_ended = asyncio.get_running_loop().create_task(asyncio.to_thread(self.scheduler.stop))
 
     # --- checks
 
@@ -222,7 +248,7 @@ class Service:
         except ValidationError as e:
             raise _validation_error(e) from None
 
-    def sampling(self, body: _Sampling, prompt_tokens: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, body: SamplingFields, prompt_tokens: int, max_tokens: int | None) -> SamplingParams:
         room = self.max_context - prompt_tokens
         if max_tokens is not None and max_tokens > room:
             raise ApiError(400, f"max_tokens {max_tokens} does not fit: the prompt has {prompt_tokens} tokens and "
@@ -236,7 +262,7 @@ class Service:
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
-    def check_sampling(self, body: _Sampling) -> None:
+    def check_sampling(self, body: SamplingFields) -> None:
         """Bad sampling parameters are refused before any tokenizing (cheap checks first)."""
         self.sampling(body, 0, None)
 
