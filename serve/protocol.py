@@ -119,6 +119,12 @@ class ErrorResponse(Reply):
     error: ErrorInfo
 
 
+class Health(Reply):
+    status: Literal["ok"] = "ok"
+    active: int  # requests in a batch row
+    waiting: int  # requests waiting for one
+
+
 class Usage(Reply):
     prompt_tokens: int
     completion_tokens: int

@@ -83,6 +83,7 @@ from .protocol import (
     CompletionRequest,
     ErrorInfo,
     ErrorResponse,
+    Health,
     Message,
     ModelCard,
     ModelList,
@@ -312,7 +313,7 @@ class Service:
     def health(self) -> dict:
         if not self.scheduler.running:
             raise ApiError(503, "the scheduler is not running", type="server_error")
-        return {"status": "ok", "active": self.scheduler.active, "waiting": self.scheduler.waiting}
+        return Health(active=self.scheduler.active, waiting=self.scheduler.waiting).dump()
 
     def prometheus(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,7 +25,9 @@ from tokenizers import Tokenizer
 _ESCAPE, _END = "\ue000", "\ue001"
 # Unicode NFC (the Cohere tokenizer's normalizer) composes at most a few code points into one character (a Hangul
 # syllable from 3 jamo; a letter with 2 combining marks), so a token covers at most this many times the characters
-# of the longest entry in the vocabulary (byte-level entries hold one character per byte).
+# of the longest entry in the vocabulary (byte-level entries hold one character per byte). This assumes, as in
+# byte-level BPE, that every character of a text ends up in some token: a tokenizer whose pre-tokenizer drops
+# whitespace could see a text of long whitespace runs refused.
 _NORMALIZER_FACTOR = 4
 
 
