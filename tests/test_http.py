@@ -495,6 +495,8 @@ def test_api_key_is_checked_on_every_v1_route(server):
     assert httpx.get(f"{server.url}/health").status_code == 200  # probes and scrapes need no key
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(ValueError, match="the API key is empty"):  # it would accept an empty bearer token
+        create_app(server.app.state.service.generator, api_key="")
 
 
 def test_unknown_routes_and_methods_get_an_openai_error(server, client):
