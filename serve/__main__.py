@@ -13,7 +13,8 @@ import sys
 
 from engines import BACKENDS, ArtifactError, EngineError
 
-from .generator import Generator, SamplingParams
+from .generator import Generator
+from .sampling import SamplingParams
 
 # Where --api-key is read from when not given: the environment keeps a secret out of the process list.
 API_KEY_ENV = "COHERE_DEPLOY_API_KEY"
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="address to bind (default: 127.0.0.1, this machine only); 0.0.0.0 for all")
     http.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),
                       help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
+    parser.add_argument("--split-special-tokens", action="store_true",
+                        help="encode chat content as plain text even where it spells a special token such as "
+                             "<|START_OF_TURN_TOKEN|> (as OpenAI does); by default such text becomes the control "
+                             "token, as in transformers, vLLM and TGI")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="engine: auto picks TensorRT when the artifact has a plan this machine can run, "
                              "else ONNX Runtime on CUDA, else on CPU (default: auto)")
@@ -71,6 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--port starts the HTTP server: give no PROMPT and no --chat with it")
         if not 0 <= args.port <= 65535:
             parser.error(f"--port {args.port}: must lie in [0, 65535]")
+        if args.api_key is not None and not args.api_key.strip():
+            # Empty would silently serve without authentication: the operator meant to set a key.
+            parser.error(f"the API key is empty (--api-key or ${API_KEY_ENV}): give a key, or unset it to serve "
+                         "without one")
     elif args.chat == (args.prompt is not None):
         parser.error("give a PROMPT to complete, or --chat for a conversation (not both)")
     if args.prompt == "":
@@ -125,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     sampling = _given(args)
     try:
-        generator = Generator(args.artifact, backend=args.backend)
+        generator = Generator(args.artifact, backend=args.backend, split_special_tokens=args.split_special_tokens)
         if args.port is not None:
             from .server import serve  # here: the one-shot CLI need not load the web stack
 
             generator.defaults = generator.sampling(**sampling)  # what a request leaves out
-            serve(generator, host=args.host, port=args.port, api_key=args.api_key or None)
+            serve(generator, host=args.host, port=args.port, api_key=args.api_key)
         elif args.chat:
             _chat(generator, sampling)
         else:

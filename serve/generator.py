@@ -6,14 +6,8 @@
         print(piece, end="")
     s.result.finish_reason
 
-The per-step core is reusable by a scheduler (continuous batching is a later issue):
-
-* ``Sequence``: one request's state: its tokens, the tokens not yet in the KV cache (``pending``), its position,
-  its sampler and random generator, and its text (streaming detokenizer plus stop-string hold-back).
-* ``Batch``: the rows ("slots") of one engine cache state. ``add`` puts a sequence in a free slot; ``step`` runs
-  one engine call over every live sequence (prompt tokens for new ones, the last sampled token for the others),
-  samples for those whose pending tokens are all in, and frees the slots of sequences that finished. A scheduler
-  thread can own one Batch, ``add`` requests as slots free up, and route each step's text deltas to its clients.
+The per-step core (``Sequence``, ``Batch``) is in serve/batch.py, sampling in serve/sampling.py; the HTTP server's
+scheduler drives the same core with continuous batching.
 """
 
 from __future__ import annotations
@@ -21,363 +15,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import numbers
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 from tokenizers import Tokenizer
 
-from engines import Artifact, ArtifactError, Engine, open_engine
+from engines import Artifact, ArtifactError, open_engine
 
-from .chat import ChatTemplates
-from .detokenize import StreamingDetokenizer
-from .parsing import GroundedAnswer, ToolCalls, parse_grounded_answer, parse_tool_calls
+from . import replies, tokens
+from .batch import Batch, GenerationResult, Sequence
+from .chat import ChatTemplateError, ChatTemplates
+from .sampling import SamplingParams, defaults_from_generation_config
+from .tokens import ContentSplitter, check_text, most_characters
 
 log = logging.getLogger(__name__)
 
 END_OF_TURN = "<|END_OF_TURN_TOKEN|>"
-# transformers' default is max_length=20 tokens in all, prompt included, which it warns about itself; a server
-# needs a length that fits a reply, so a checkpoint without max_new_tokens gets this.
-DEFAULT_MAX_NEW_TOKENS = 256
-# transformers' TopKLogitsWarper default, used when a checkpoint asks for sampling without naming top_k.
-TRANSFORMERS_DEFAULT_TOP_K = 50
-
-
-# ------------------------------------------------------------------------------------------------------ sampling
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token and when to stop. ``temperature=0`` is greedy (as in OpenAI's API);
-    ``top_k=0``, ``top_p=1``, ``min_p=0`` and ``repetition_penalty=1`` switch those filters off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    seed: int | None = None  # None: fresh entropy per request
-    stop: tuple[str, ...] = ()  # stop strings, as OpenAI's `stop`: not included in the text
-    stop_token_ids: tuple[int, ...] = ()  # besides the checkpoint's end-of-turn and eos tokens
-
-    def __post_init__(self):
-        # OpenAI accepts a single string for `stop`; lists become tuples so the params stay hashable.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if isinstance(self.stop_token_ids, list):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first parameter that is out of range."""
-        _number("temperature", self.temperature)
-        _number("top_p", self.top_p)
-        _number("min_p", self.min_p)
-        _number("repetition_penalty", self.repetition_penalty)
-        _integer("top_k", self.top_k)
-        _integer("max_new_tokens", self.max_new_tokens)
-        if self.temperature < 0:
-            raise ValueError(f"temperature {self.temperature}: must be >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p {self.top_p}: must lie in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k {self.top_k}: must be >= 0 (0 switches it off)")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p {self.min_p}: must lie in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty {self.repetition_penalty}: must be > 0 (1 switches it off)")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens {self.max_new_tokens}: must be >= 1")
-        if self.seed is not None:
-            _integer("seed", self.seed)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop {list(self.stop)!r}: must be non-empty strings")
-        for token_id in self.stop_token_ids:
-            _integer("stop_token_ids", token_id)
-            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
-                raise ValueError(f"stop_token_ids: {token_id} is not a token id of this model "
-                                 f"(vocabulary of {vocab_size})")
-
-
-def _number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        raise ValueError(f"{name} {value!r}: must be a number")
-
-
-def _integer(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} {value!r}: must be an integer")
-
-
-def token_probabilities(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None) -> np.ndarray:
-    """The distribution the next token is drawn from (float64, sums to 1), in transformers' order: repetition
-    penalty, temperature, top-k, top-p, min-p. ``seen``: boolean mask over the vocabulary of the tokens already in
-    prompt + output. Greedy params give a one-hot distribution on the argmax."""
-    scores = penalized(logits, params.repetition_penalty, seen)
-    if params.greedy:
-        probs = np.zeros_like(scores)
-        probs[np.argmax(scores)] = 1.0
-        return probs
-    scores /= params.temperature
-    if 0 < params.top_k < scores.size:
-        kth = np.partition(scores, -params.top_k)[-params.top_k]
-        scores[scores < kth] = -np.inf  # ties with the k-th score stay, as in transformers
-    probs = np.exp(scores - scores.max())
-    probs /= probs.sum()
-    if params.top_p < 1:
-        # The smallest set of most likely tokens whose probability reaches top_p (always at least one token).
-        order = np.argsort(-probs, kind="stable")
-        sorted_probs = probs[order]
-        before = np.cumsum(sorted_probs) - sorted_probs  # probability mass of the tokens ranked above
-        probs[order[before >= params.top_p]] = 0.0
-    if params.min_p > 0:
-        probs[probs < params.min_p * probs.max()] = 0.0
-    return probs / probs.sum()
-
-
-def penalized(logits: np.ndarray, penalty: float, seen: np.ndarray | None) -> np.ndarray:
-    """A float64 copy of ``logits`` with transformers' repetition penalty on the ``seen`` tokens: positive
-    logits divided by ``penalty``, negative ones multiplied, so a penalty > 1 always makes them less likely."""
-    scores = logits.astype(np.float64)
-    if penalty != 1 and seen is not None and seen.any():
-        chosen = scores[seen]
-        scores[seen] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
-    return scores
-
-
-def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-                 seen: np.ndarray | None = None) -> int:
-    """Pick the next token from one row of logits ``[vocab]``."""
-    if params.greedy:  # no random draw: greedy output never depends on the seed
-        return int(np.argmax(penalized(logits, params.repetition_penalty, seen)))
-    probs = token_probabilities(logits, params, seen)
-    # Inverse-CDF draw; side="right" never lands on a zero-probability token, min() guards float round-off.
-    cumulative = np.cumsum(probs)
-    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), probs.size - 1))
-
-
-def defaults_from_generation_config(config: dict) -> SamplingParams:
-    """Sampling defaults as transformers reads generation_config.json: greedy unless ``do_sample`` is true;
-    when sampling, an unnamed temperature / top_k / top_p takes transformers' default (1.0 / 50 / 1.0)."""
-    def get(name, default):
-        value = config.get(name)
-        return default if value is None else value
-
-    params = {"repetition_penalty": get("repetition_penalty", 1.0),
-              "max_new_tokens": get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)}
-    if get("do_sample", False):
-        params.update(temperature=get("temperature", 1.0), top_k=get("top_k", TRANSFORMERS_DEFAULT_TOP_K),
-                      top_p=get("top_p", 1.0), min_p=get("min_p", 0.0))
-    return SamplingParams(**params)
-
-
-# --------------------------------------------------------------------------------------------------- the core
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    text: str  # special tokens skipped, cut before a stop string
-    token_ids: list[int]  # every generated token, the stop token or the tokens of a stop string included
-    finish_reason: str  # "stop": a stop token or stop string; "length": max_new_tokens or max_context reached
-    prompt_tokens: int
-    time_to_first_token_s: float  # from the request's start (tokenization included) to its first token
-    decode_tokens_per_s: float | None  # tokens after the first, per second; None with fewer than two tokens
-    tool_calls: ToolCalls | None = None  # chat() with tools
-    grounded_answer: GroundedAnswer | None = None  # chat() with documents
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-class Sequence:
-    """One request in the decode loop.
-
-    ``pending`` holds the tokens still to be written into the KV cache at ``position`` (the prompt at first, then
-    the last sampled token); a live sequence always has at least one. ``take_text()`` hands out the text that is
-    safe to stream: never half a character, never the start of what may become a stop string.
-    """
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_token_ids: frozenset[int],
-                 tokenizer: Tokenizer, max_context: int, vocab_size: int, started: float | None = None):
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.stop_token_ids = stop_token_ids
-        self.token_ids: list[int] = []
-        self.pending = list(prompt_ids)
-        self.position = 0
-        # The prompt plus generation must fit the static cache: that, not max_new_tokens, may end it first.
-        self.max_new_tokens = min(params.max_new_tokens, max_context - len(prompt_ids))
-        self.finish_reason: str | None = None
-        self.rng = np.random.default_rng(params.seed)
-        self.seen: np.ndarray | None = None
-        if params.repetition_penalty != 1:
-            self.seen = np.zeros(vocab_size, dtype=bool)
-            self.seen[self.prompt_ids] = True
-        self._detokenizer = StreamingDetokenizer(tokenizer, self.prompt_ids)
-        self._text = ""  # decoded so far, possibly ending in the start of a stop string
-        self._released = 0  # characters of _text already handed out by take_text()
-        self.started = time.perf_counter() if started is None else started
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def consumed(self, count: int) -> None:
-        """``count`` pending tokens were written into the cache."""
-        self.position += count
-        del self.pending[:count]
-
-    def accept_logits(self, logits: np.ndarray) -> None:
-        """Sample the next token from this sequence's logits ``[vocab]`` and decide whether it ends here."""
-        token = sample_token(logits, self.params, self.rng, self.seen)
-        now = time.perf_counter()
-        self.first_token_at = self.first_token_at or now
-        self.last_token_at = now
-        self.token_ids.append(token)
-        if self.seen is not None:
-            self.seen[token] = True
-        if token in self.stop_token_ids:  # its text (usually none: a special token) is not part of the reply
-            self._finish("stop")
-            return
-        self._add_text(self._detokenizer.push(token))
-        if self.finished:  # a stop string
-            return
-        if len(self.token_ids) >= self.max_new_tokens:
-            self._finish("length")
-        else:
-            self.pending.append(token)
-
-    def take_text(self) -> str:
-        """The text that became safe to stream since the last call."""
-        end = len(self._text)
-        if not self.finished:
-            end -= self._stop_prefix_length()
-        piece = self._text[self._released:end]
-        self._released = max(self._released, end)
-        return piece
-
-    def result(self) -> GenerationResult:
-        if not self.finished:
-            raise RuntimeError("the sequence has not finished; step its Batch until it has")
-        decode_s = (self.last_token_at or 0) - (self.first_token_at or 0)
-        rate = (len(self.token_ids) - 1) / decode_s if len(self.token_ids) > 1 and decode_s > 0 else None
-        return GenerationResult(text=self._text, token_ids=list(self.token_ids), finish_reason=self.finish_reason,
-                                prompt_tokens=len(self.prompt_ids),
-                                time_to_first_token_s=(self.first_token_at or self.started) - self.started,
-                                decode_tokens_per_s=rate)
-
-    def _add_text(self, piece: str) -> None:
-        if not piece:
-            return
-        start = max(0, len(self._text) - max((len(s) for s in self.params.stop), default=0))
-        self._text += piece
-        # The earliest stop string that the new piece completes (it may have begun in earlier pieces).
-        hits = [i for i in (self._text.find(s, start) for s in self.params.stop) if i >= 0]
-        if hits:
-            self._text = self._text[:min(hits)]
-            self.finish_reason = "stop"
-
-    def _finish(self, reason: str) -> None:
-        # Whatever the detokenizer still holds (an incomplete character) is the end of the text.
-        self._add_text(self._detokenizer.flush())
-        self.finish_reason = self.finish_reason or reason
-
-    def _stop_prefix_length(self) -> int:
-        """Length of the longest end of the text that is the start of a stop string (held back from streaming)."""
-        longest = 0
-        for stop in self.params.stop:
-            for n in range(min(len(stop) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
-
-
-class Batch:
-    """The rows of one engine cache state, each a slot for at most one live Sequence.
-
-    Every ``step`` is one engine call over all rows. A live sequence writes up to ``width`` of its pending tokens at
-    its own position; the width is the longest pending run, capped so that every live row stays inside
-    ``max_context`` (and by ``max_step_tokens``, for a scheduler that wants to chunk long prompts so running
-    sequences keep streaming). A prompt longer than the width is prefilled over several steps. A step runs only the
-    rows up to the last live one (new sequences take the lowest free row), so a lone request costs one row, not
-    the whole batch. Free rows below it write a pad token at slot 0: their cache is dead, and a new sequence's
-    prefill overwrites it from slot 0. Tokens right-padded
-    past a row's real ones land in slots after its position, which attention masks until real tokens overwrite
-    them, so each row computes exactly what it would alone.
-    """
-
-    def __init__(self, engine: Engine, rows: int, pad_token_id: int, max_step_tokens: int | None = None):
-        self.engine = engine
-        self.state = engine.allocate(rows)
-        self.slots: list[Sequence | None] = [None] * rows
-        self.pad_token_id = pad_token_id
-        self.max_step_tokens = max_step_tokens
-
-    @property
-    def live(self) -> list[Sequence]:
-        return [seq for seq in self.slots if seq is not None]
-
-    @property
-    def free_slots(self) -> int:
-        return self.slots.count(None)
-
-    def add(self, seq: Sequence) -> None:
-        if None not in self.slots:
-            raise RuntimeError(f"all {len(self.slots)} rows of the batch are taken")
-        if seq.position != 0:
-            raise ValueError("a sequence enters a batch before its prompt is in any cache")
-        self.slots[self.slots.index(None)] = seq
-
-    def step(self) -> list[Sequence]:
-        """One engine call; returns the sequences that sampled a token (finished ones have left their slot)."""
-        live = self.live
-        if not live:
-            return []
-        max_context = self.engine.spec.max_context
-        width = min(max(len(seq.pending) for seq in live), min(max_context - seq.position for seq in live),
-                    self.max_step_tokens or max_context)
-        rows = max(row for row, seq in enumerate(self.slots) if seq is not None) + 1
-        input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)
-        write_indices = np.zeros(rows, dtype=np.int64)
-        logits_indices = np.zeros(rows, dtype=np.int64)
-        fed = [0] * rows
-        for row, seq in enumerate(self.slots[:rows]):
-            if seq is None:
-                continue
-            chunk = seq.pending[:width]
-            fed[row] = len(chunk)
-            input_ids[row, :len(chunk)] = chunk
-            write_indices[row] = seq.position
-            logits_indices[row] = len(chunk) - 1
-        logits = self.engine.step(self.state, input_ids, write_indices, logits_indices)
-        sampled = []
-        for row, seq in enumerate(self.slots[:rows]):
-            if seq is None:
-                continue
-            seq.consumed(fed[row])
-            if seq.pending:  # a prompt longer than this step's width: no next token yet
-                continue
-            seq.accept_logits(logits[row])
-            sampled.append(seq)
-            if seq.finished:
-                self.slots[row] = None
-        return sampled
-
-
-# ------------------------------------------------------------------------------------------------- generator
 
 
 class Stream:
@@ -402,15 +57,27 @@ Prompt = str | list[int]
 
 class Generator:
     """Generation on one artifact folder. Each call allocates its own cache state, so calls from several threads
-    may run at once (without batching them together: that is the scheduler's job, built on ``Batch``)."""
+    may run at once (without batching them together: that is the scheduler's job, built on ``Batch``).
 
-    def __init__(self, artifacts: str | Path, backend: str = "auto"):
+    ``split_special_tokens``: encode chat content (messages, tools, documents) with its special tokens as plain
+    text, so a user cannot write the template's control tokens (as OpenAI treats such text). Off by default:
+    content like ``<|START_OF_TURN_TOKEN|>`` then becomes the control token, as in transformers, vLLM and TGI.
+    See serve/tokens.py.
+    """
+
+    def __init__(self, artifacts: str | Path, backend: str = "auto", split_special_tokens: bool = False):
         self.artifact = Artifact.open(artifacts)
         self.spec = self.artifact.spec
         self.engine = open_engine(self.artifact, backend)
         self.backend = self.engine.backend
         self.tokenizer = Tokenizer.from_file(str(self.artifact.path("tokenizer.json")))
-        self.templates = ChatTemplates.from_tokenizer_config(self._json("tokenizer_config.json"))
+        tokenizer_config = self._json("tokenizer_config.json")
+        # A base checkpoint has no chat template: it still generates text; only chat() needs one.
+        self.templates = (ChatTemplates.from_tokenizer_config(tokenizer_config)
+                          if tokenizer_config.get("chat_template") is not None else None)
+        self.splitter = ContentSplitter(self.tokenizer) if split_special_tokens else None
+        # A text longer than this cannot fit the context: refused before tokenizing it (which takes seconds for MBs).
+        self.max_prompt_characters = most_characters(self.tokenizer, self.spec.max_context)
         generation_config = self._json("generation_config.json")
         self.defaults = defaults_from_generation_config(generation_config)
         try:
@@ -447,17 +114,31 @@ class Generator:
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             documents: list[dict] | None = None, tokenize: bool = False,
                             add_generation_prompt: bool = True, citation_mode: str = "accurate") -> str | list[int]:
-        """The prompt transformers' ``apply_chat_template`` renders, or its token ids with ``tokenize``."""
+        """The prompt transformers' ``apply_chat_template`` renders, or its token ids with ``tokenize`` (with
+        ``split_special_tokens``, special tokens in the content are plain text in the ids)."""
+        if self.templates is None:
+            raise ChatTemplateError(f"{self.artifact.path('tokenizer_config.json')} has no chat_template (a base "
+                                    "checkpoint?): chat needs one; plain text generation works without")
+        split = tokenize and self.splitter is not None
+        if split:
+            messages, tools, documents = (self.splitter.escape(messages), self.splitter.escape(tools),
+                                          self.splitter.escape(documents))
         text = self.templates.render(messages, tools=tools, documents=documents,
                                      add_generation_prompt=add_generation_prompt, citation_mode=citation_mode)
+        if not tokenize:
+            return text
+        self._check_length(text, "the rendered conversation")
+        if split:
+            return self.splitter.encode(text)
         # The template already starts with BOS: adding special tokens again would double it.
-        return self.tokenizer.encode(text, add_special_tokens=False).ids if tokenize else text
+        return tokens.tokenize(self.tokenizer, [text], add_special_tokens=False)[0]
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: a string is tokenized as transformers' ``tokenizer(prompt)`` does (BOS first);
         token ids are checked against the vocabulary and the artifact's max_context."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt).ids if prompt else []
+            self._check_length(prompt, "prompt")
+            ids = tokens.tokenize(self.tokenizer, [prompt], add_special_tokens=True)[0] if prompt else []
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                                                        for t in prompt):
             ids = [int(t) for t in prompt]
@@ -473,6 +154,13 @@ class Generator:
                              "tokens (prompt plus reply), which leaves no room to generate. Shorten the prompt or "
                              "export with a larger --max-context.")
         return ids
+
+    def _check_length(self, text: str, what: str) -> None:
+        """Refuse, before tokenizing, a text too long to fit the context whatever its tokens, or not valid Unicode."""
+        if len(text) > self.max_prompt_characters:
+            raise ValueError(f"{what} has {len(text)} characters: more than {self.max_prompt_characters}, so more "
+                             f"tokens than the artifact's max_context of {self.spec.max_context} tokens. Shorten it.")
+        check_text(text, what)
 
     def sampling(self, **overrides) -> SamplingParams:
         """The checkpoint's defaults with ``overrides``, validated."""
@@ -544,8 +232,4 @@ class Generator:
         ids = self.apply_chat_template(messages, tools=tools, documents=documents, tokenize=True,
                                        citation_mode=citation_mode)
         [result] = self._run([self.encode(ids)], params, started)
-        if tools is not None:
-            result.tool_calls = parse_tool_calls(result.text)
-        if documents is not None:
-            result.grounded_answer = parse_grounded_answer(result.text)
-        return result
+        return replies.parse(result, tools=tools is not None, documents=documents is not None)

@@ -27,7 +27,8 @@ import logging
 import queue
 import threading
 
-from .generator import Batch, Generator, Sequence
+from .batch import Batch, Sequence
+from .generator import Generator
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Scheduler:
         self._waiting: collections.deque[Ticket] = collections.deque()  # owned by the thread
         self._running: dict[int, Ticket] = {}  # row -> ticket, owned by the thread
         self._stopping = threading.Event()
+        self.rows = generator.spec.max_batch
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self.cancelled_total = 0  # requests dropped by cancel(), for metrics
 
@@ -96,7 +98,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("scheduler started: %d rows, max_context %d", len(self.batch.slots),
+        log.info("scheduler started: %d rows, max_context %d", self.rows,
                  self.generator.spec.max_context)
 
     def submit(self, seq: Sequence) -> Ticket:
@@ -104,7 +106,7 @@ class Scheduler:
         if not self.running:
             raise Stopped("the server is shutting down")
         if self.waiting >= self.max_waiting:
-            raise Overloaded(f"{self.waiting} requests are already waiting for one of {len(self.batch.slots)} "
+            raise Overloaded(f"{self.waiting} requests are already waiting for one of {self.rows} "
                              "rows; retry later")
         ticket = Ticket(seq, asyncio.get_running_loop())
         self._inbox.put(ticket)
@@ -153,8 +155,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for row, ticket in list(self._running.items()):
             if ticket.cancelled:
-                # A freed row's cache is dead: the next sequence's prefill overwrites it from slot 0.
-                self.batch.slots[row] = None
+                self.batch.release(row)
                 del self._running[row]
                 self.cancelled_total += 1
                 log.debug("cancelled a request in row %d after %d tokens", row, len(ticket.seq.token_ids))
@@ -163,11 +164,9 @@ class Scheduler:
         self._waiting = collections.deque(kept)
 
     def _admit(self) -> None:
-        while self._waiting and self.batch.free_slots:
+        while self._waiting and self.batch.free_rows:
             ticket = self._waiting.popleft()
-            row = self.batch.slots.index(None)  # the row Batch.add fills
-            self.batch.add(ticket.seq)
-            self._running[row] = ticket
+            self._running[self.batch.add(ticket.seq)] = ticket
 
     def _step(self) -> None:
         try:
@@ -175,7 +174,7 @@ class Scheduler:
         except Exception as e:  # an engine failure fails the requests in the batch, not the server
             log.exception("engine step failed")
             for row, ticket in self._running.items():
-                self.batch.slots[row] = None
+                self.batch.release(row)
                 ticket._send("error", f"the engine failed: {e}")
             self._running.clear()
             return

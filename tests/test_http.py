@@ -19,14 +19,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from serve import Generator
-from serve import server as server_module
+from serve import replies as replies_module
 from serve.chat import ChatTemplates
 from serve.parsing import parse_grounded_answer, parse_tool_calls
 from serve.scheduler import Scheduler
-from serve.server import MAX_BODY_BYTES, create_app
+from serve.server import MAX_BODY_BYTES, GracefulServer, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
@@ -42,6 +41,22 @@ STAND_IN_TEMPLATES = {
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+class SlowEngine:
+    """The real engine with a pause after each step (a sleep, holding no lock), so that a generation lasts long
+    enough to overlap other requests on any machine."""
+
+    def __init__(self, engine, pause_s: float):
+        self.engine, self.pause_s, self.spec, self.backend = engine, pause_s, engine.spec, engine.backend
+
+    def allocate(self, batch: int):
+        return self.engine.allocate(batch)
+
+    def step(self, *args):
+        logits = self.engine.step(*args)
+        time.sleep(self.pause_s)
+        return logits
 
 
 def with_stand_in_templates(generator: Generator) -> Generator:
@@ -64,7 +79,7 @@ class Server:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = GracefulServer(app, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -92,6 +107,33 @@ def server(tiny_artifact):
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_artifact):
+    """A server whose engine steps take at least 10 ms: 240 tokens stream for over 2.4 s."""
+    generator = Generator(tiny_artifact)
+    generator.engine = SlowEngine(generator.engine, 0.01)
+    with Server(create_app(generator)) as running:
+        yield running
+
+
+def stream_arrivals(url: str, body: dict) -> tuple[threading.Thread, list[tuple[float, dict]], threading.Event]:
+    """Read a streamed completion in a thread: (arrival time, event) of each event, and an event set once the
+    first one arrived."""
+    arrivals, started = [], threading.Event()
+
+    def read():
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    arrivals.append((time.perf_counter(), json.loads(line.removeprefix("data: "))))
+                    started.set()
+        started.set()
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, arrivals, started
 
 
 def metric(server: Server, name: str) -> float:
@@ -168,7 +210,7 @@ def test_tool_calls(client, gen, monkeypatch):
     assert unparsed.choices[0].message.content == expected.text and unparsed.choices[0].message.tool_calls is None
     assert unparsed.usage.prompt_tokens == expected.prompt_tokens  # the tool reached the (stand-in) template
     # What the server makes of a well-formed Action list, whatever the model wrote.
-    monkeypatch.setattr(server_module, "parse_tool_calls", lambda text: parse_tool_calls(ACTION))
+    monkeypatch.setattr(replies_module, "parse_tool_calls", lambda text: parse_tool_calls(ACTION))
     reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=6)
     [call] = reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
@@ -198,7 +240,7 @@ def test_rag_citations(client, gen, monkeypatch):
     expected = gen.chat(messages, documents=documents, max_new_tokens=6, temperature=0.8, seed=2)
     assert unparsed.choices[0].message.content == expected.text
     assert unparsed.choices[0].message.model_extra["citations"] == []
-    monkeypatch.setattr(server_module, "parse_grounded_answer", lambda text: parse_grounded_answer(GROUNDED))
+    monkeypatch.setattr(replies_module, "parse_grounded_answer", lambda text: parse_grounded_answer(GROUNDED))
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
                                            extra_body={"documents": documents, "citation_mode": "fast"})
     message = reply.choices[0].message
@@ -249,14 +291,40 @@ def test_32_concurrent_streams_get_the_tokens_they_get_alone(server, gen):
     assert metric(server, "cohere_deploy_active_requests") == 0 and metric(server, "cohere_deploy_queue_depth") == 0
 
 
-def test_a_long_generation_does_not_hold_up_a_short_one(client):
-    long = client.completions.create(model=MODEL, prompt="Once", max_tokens=240, stream=True)
-    first = next(iter(long))
-    short = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3)
-    assert short.choices[0].finish_reason == "length"
-    rest = list(long)  # the long one was still streaming when the short one had finished
-    assert rest and rest[-1].choices[0].finish_reason == "length"
-    assert len("".join(c.choices[0].text for c in [first, *rest])) > 0
+def test_a_long_generation_does_not_hold_up_a_short_one(slow_server):
+    reader, arrivals, started = stream_arrivals(slow_server.url, {"model": MODEL, "prompt": "Once", "max_tokens": 240,
+                                                                  "stream": True})
+    assert started.wait(30)
+    short = httpx.post(f"{slow_server.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3},
+                       timeout=30)
+    short_done = time.perf_counter()
+    reader.join(60)
+    assert short.status_code == 200 and short.json()["choices"][0]["finish_reason"] == "length"
+    assert arrivals[-1][1]["choices"][0]["finish_reason"] == "length"
+    # On a server that runs one request at a time the short one would finish after the long one's last token.
+    later = [event for arrived, event in arrivals if arrived > short_done and event["choices"][0]["text"]]
+    assert len(later) > 100, f"only {len(later)} of the long stream's chunks came after the short request finished"
+
+
+def test_a_huge_prompt_does_not_freeze_running_streams(slow_server):
+    """A 3.9 MB prompt (under the body limit) is refused by its length before it is tokenized; tokenizing it took
+    seconds with the GIL held, which froze every stream."""
+    reader, arrivals, started = stream_arrivals(slow_server.url, {"model": MODEL, "prompt": "Once", "max_tokens": 240,
+                                                                  "stream": True})
+    assert started.wait(30)
+    huge = "penguin " * (3_900_000 // 8)
+    for path, body in [("/v1/completions", {"model": MODEL, "prompt": huge}),
+                       ("/v1/chat/completions", chat(messages=[{"role": "user", "content": huge}]))]:
+        response = httpx.post(f"{slow_server.url}{path}", json=body, timeout=60)
+        assert response.status_code == 400 and "max_context" in response.json()["error"]["message"]
+    refused = time.perf_counter()
+    reader.join(60)
+    times = [arrived for arrived, _ in arrivals]
+    assert times[-1] > refused  # the stream was running while the huge prompts came in
+    worst = max(b - a for a, b in zip(times, times[1:]))
+    # Steps take ~10 ms here; parsing 3.9 MB of JSON on the event loop costs tens of ms. Tokenizing it held the
+    # GIL for seconds (12 s measured). 1 s leaves room for a loaded 2-core machine.
+    assert worst < 1.0, f"a stream froze for {worst:.2f} s"
 
 
 def test_a_client_that_hangs_up_frees_its_row(server):
@@ -304,6 +372,13 @@ def chat(**fields) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **fields}
 
 
+def nested(depth: int) -> dict:
+    value = {}
+    for _ in range(depth):
+        value = {"type": "object", "properties": {"x": value}}
+    return value
+
+
 @pytest.mark.parametrize("path, body, status, param, message", [
     ("/v1/chat/completions", b'{"model": "tiny', 400, None, "not valid JSON"),
     ("/v1/chat/completions", b"[1, 2]", 400, None, "valid dictionary"),
@@ -334,6 +409,22 @@ def chat(**fields) -> dict:
     ("/v1/completions", {"model": MODEL, "prompt": "Hi", "echo": True}, 400, "echo", "unrecognized"),
     ("/v1/completions", {"model": MODEL, "prompt": "Hi", "stop": 3}, 400, "stop", "valid"),
     ("/v1/completions", b'{"model": "x", "prompt": "' + b"a" * MAX_BODY_BYTES + b'"}', 413, None, "limit"),
+    # A lone surrogate, seeds outside int64, deep nesting, non-finite numbers: 400s, not 500s.
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "Hi \ud800"}]), 400, "messages.0.content",
+     "lone surrogate"),
+    ("/v1/completions", {"model": MODEL, "prompt": "\ud800"}, 400, "prompt", "lone surrogate"),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "seed": 2 ** 63}, 400, "seed", "less than or equal"),
+    ("/v1/completions", b'{"model": "x", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None,
+     "nests deeper than 64 levels"),
+    ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f", "parameters": nested(100)}}]),
+     400, "tools", "nests deeper than 64 levels"),
+    ("/v1/chat/completions", chat(temperature=float("inf")), 400, None, "temperature inf: must be a finite number"),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "repetition_penalty": float("inf")}, 400, None,
+     "must be a finite number"),
+    # 10,000 stop strings slowed every other request: OpenAI's cap.
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "stop": ["x" * 300] * 10_000}, 400, None,
+     "10000 stop strings; at most 4"),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "stop": ["x" * 300]}, 400, None, "at most 256"),
 ])
 def test_refused_input_gets_an_openai_error(server, path, body, status, param, message):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -345,6 +436,56 @@ def test_refused_input_gets_an_openai_error(server, path, body, status, param, m
     assert message in error["message"]
 
 
+def test_any_int64_seed_is_accepted_as_vllm_does(client, gen):
+    reply = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=6, temperature=1.0, seed=-1)
+    assert reply.choices[0].text == gen.generate("Hello world", max_new_tokens=6, temperature=1.0, seed=-1).text
+
+
+def test_a_refused_request_keeps_the_connection(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as session:
+        bad = session.post("/v1/completions", content=json.dumps({"model": MODEL, "prompt": "\ud800"}))
+        assert bad.status_code == 400 and bad.headers.get("connection") != "close"
+        assert session.get("/v1/models").status_code == 200
+
+
+def test_metrics_label_requests_by_route_template(server):
+    for name in ("a1", "b2/c3", MODEL):
+        httpx.get(f"{server.url}/v1/models/{name}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    httpx.get(f"{server.url}/nothing/here", timeout=10)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    routes = set(re.findall(r'^cohere_deploy_requests_total\{route="([^"]*)"', text, re.MULTILINE))
+    # A label per URL would let any client, without a key, grow the metric without bound.
+    assert {"/v1/models/{name:path}", "other"} <= routes
+    assert routes <= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{name:path}", "/health",
+                      "/metrics", "other"}, routes
+
+
+def test_a_base_checkpoint_serves_completions_and_says_chat_needs_a_template(tiny_artifact, tmp_path):
+    from tests.test_generator import without_chat_template
+
+    with Server(create_app(Generator(without_chat_template(tiny_artifact, tmp_path / "base")))) as running:
+        completion = httpx.post(f"{running.url}/v1/completions", json={"model": "base", "prompt": "Hi",
+                                                                        "max_tokens": 3}, timeout=30)
+        assert completion.status_code == 200 and completion.json()["choices"][0]["finish_reason"] == "length"
+        refused = httpx.post(f"{running.url}/v1/chat/completions", json={**chat(), "model": "base"}, timeout=30)
+    assert refused.status_code == 400 and "has no chat_template" in refused.json()["error"]["message"]
+
+
+def test_streams_still_running_when_the_shutdown_grace_ends_get_an_error_event(tiny_artifact):
+    generator = Generator(tiny_artifact)
+    generator.engine = SlowEngine(generator.engine, 0.02)  # 240 tokens take over 4.8 s
+    with Server(create_app(generator, shutdown_grace_s=0.5)) as running:
+        reader, arrivals, started = stream_arrivals(running.url, {"model": MODEL, "prompt": "Once",
+                                                                  "max_tokens": 240, "stream": True})
+        assert started.wait(30)
+        running.server.should_exit = True  # what SIGTERM does
+        reader.join(30)
+    assert not reader.is_alive()
+    last = arrivals[-1][1]
+    assert last["error"]["code"] == "shutting_down", last
+    assert len(arrivals) < 240
+
+
 def test_api_key_is_checked_on_every_v1_route(server):
     for method, path in [("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"),
                          ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]:
@@ -354,6 +495,8 @@ def test_api_key_is_checked_on_every_v1_route(server):
     assert httpx.get(f"{server.url}/health").status_code == 200  # probes and scrapes need no key
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(ValueError, match="the API key is empty"):  # it would accept an empty bearer token
+        create_app(server.app.state.service.generator, api_key="")
 
 
 def test_unknown_routes_and_methods_get_an_openai_error(server, client):
