@@ -12,6 +12,7 @@ import os
 import sys
 
 from engines import BACKENDS, ArtifactError, EngineError
+from engines.cli import configure_logging
 
 from .generator import Generator
 from .sampling import SamplingParams
@@ -58,12 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "else ONNX Runtime on CUDA, else on CPU (default: auto)")
     sampling = parser.add_argument_group("sampling (default: the artifact's generation_config.json)")
     sampling.add_argument("--temperature", metavar="T", type=float, help="0 is greedy; higher is more random")
-    sampling.add_argument("--top-p", metavar="P", type=float, help="sample from the most likely tokens holding this much "
-                                                      "probability, in (0, 1]")
-    sampling.add_argument("--top-k", metavar="K", type=int, help="sample from the K most likely tokens; 0 switches it off")
-    sampling.add_argument("--min-p", metavar="P", type=float, help="drop tokens less likely than this fraction of the most "
-                                                      "likely one, in [0, 1]")
-    sampling.add_argument("--repetition-penalty", metavar="R", type=float, help="> 1 discourages repeating tokens; 1 is off")
+    sampling.add_argument("--top-p", metavar="P", type=float,
+                          help="sample from the most likely tokens holding this much probability, in (0, 1]")
+    sampling.add_argument("--top-k", metavar="K", type=int,
+                          help="sample from the K most likely tokens; 0 switches it off")
+    sampling.add_argument("--min-p", metavar="P", type=float,
+                          help="drop tokens less likely than this fraction of the most likely one, in [0, 1]")
+    sampling.add_argument("--repetition-penalty", metavar="R", type=float,
+                          help="> 1 discourages repeating tokens; 1 is off")
     sampling.add_argument("--max-new-tokens", metavar="N", type=int, help="most tokens to generate per reply")
     sampling.add_argument("--seed", metavar="N", type=int, help="makes sampling repeatable")
     sampling.add_argument("--stop", action="append", metavar="TEXT",
@@ -98,12 +101,6 @@ def _given(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in _FLAG_NAMES if getattr(args, name) is not None}
 
 
-def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("engines", "serve"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
 def _print_stream(generator: Generator, prompt, sampling: dict) -> str:
     stream = generator.stream(prompt, **sampling)
     for piece in stream:
@@ -131,7 +128,7 @@ def _chat(generator: Generator, sampling: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, ("engines", "serve"), level=logging.WARNING)
     sampling = _given(args)
     try:
         generator = Generator(args.artifact, backend=args.backend, split_special_tokens=args.split_special_tokens)
