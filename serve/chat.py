@@ -134,7 +134,9 @@ def _check_messages(messages: Any) -> None:
         raise ChatTemplateError("messages is empty: a conversation needs at least one message")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ChatTemplateError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise ChatTemplateError(
+                f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}"
+            )
         role = message.get("role")
         if role not in ROLES:
             raise ChatTemplateError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
@@ -147,7 +149,9 @@ def _check_messages(messages: Any) -> None:
                 raise ChatTemplateError(f"message {i}: tool_calls must be a list of dicts")
             # An assistant turn that only calls tools may have no text.
             if content is not None and not isinstance(content, str):
-                raise ChatTemplateError(f"message {i} (assistant) content must be a string or null, got {type(content).__name__}")
+                raise ChatTemplateError(
+                    f"message {i} (assistant) content must be a string or null, got {type(content).__name__}"
+                )
         elif not isinstance(content, str):
             what = "is missing" if content is None else f"is a {type(content).__name__}"
             raise ChatTemplateError(f"message {i} ({role}) content {what}; it must be a string")
@@ -196,11 +200,17 @@ class ChatTemplates:
         elif isinstance(raw, list):
             templates, single = {}, False
             for i, entry in enumerate(raw):
-                if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str)):
+                if not (
+                    isinstance(entry, Mapping)
+                    and isinstance(entry.get("name"), str)
+                    and isinstance(entry.get("template"), str)
+                ):
                     raise ChatTemplateError(f"chat_template[{i}] must be {{'name': str, 'template': str}}")
                 templates[entry["name"]] = entry["template"]
         else:
-            raise ChatTemplateError(f"chat_template must be a string or a list of named templates, got {type(raw).__name__}")
+            raise ChatTemplateError(
+                f"chat_template must be a string or a list of named templates, got {type(raw).__name__}"
+            )
         special_tokens = {}
         for name in SPECIAL_TOKEN_NAMES:
             token = _special_token(config.get(name))
@@ -211,7 +221,9 @@ class ChatTemplates:
     def select(self, tools: list | None = None, documents: list | None = None) -> str:
         """The name of the template that renders this request."""
         if tools is not None and documents is not None:
-            raise ChatTemplateError("pass tools or documents, not both: Command-R renders them with different templates")
+            raise ChatTemplateError(
+                "pass tools or documents, not both: Command-R renders them with different templates"
+            )
         name = "rag" if documents is not None else "tool_use" if tools is not None else "default"
         if name in self.templates:
             return name
@@ -219,7 +231,8 @@ class ChatTemplates:
             return "default"
         purpose = {"rag": "documents", "tool_use": "tools", "default": "plain chat"}[name]
         raise ChatTemplateError(
-            f"the checkpoint has no {name!r} chat template, needed for {purpose}; it has {', '.join(sorted(self.templates))}"
+            f"the checkpoint has no {name!r} chat template, needed for {purpose}; "
+            f"it has {', '.join(sorted(self.templates))}"
         )
 
     def render(
@@ -234,7 +247,9 @@ class ChatTemplates:
         """Render a prompt. `template` names the template to use instead of choosing by tools / documents."""
         _check_messages(messages)
         if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, Mapping) for t in tools)):
-            raise ChatTemplateError("tools must be a list of dicts (Cohere parameter_definitions or JSON-schema functions)")
+            raise ChatTemplateError(
+                "tools must be a list of dicts (Cohere parameter_definitions or JSON-schema functions)"
+            )
         if documents is not None and not (
             isinstance(documents, (list, tuple)) and all(isinstance(d, Mapping) for d in documents)
         ):
@@ -246,7 +261,9 @@ class ChatTemplates:
         elif template in self.templates:
             name = template
         else:
-            raise ChatTemplateError(f"the checkpoint has no {template!r} chat template; it has {', '.join(sorted(self.templates))}")
+            raise ChatTemplateError(
+                f"the checkpoint has no {template!r} chat template; it has {', '.join(sorted(self.templates))}"
+            )
 
         compiled = self._compile(name)
         try:
@@ -265,12 +282,16 @@ class ChatTemplates:
             # e.g. command-r-plus's json_to_python_type macro recurses forever on a JSON-schema type like "null".
             raise ChatTemplateError(f"chat template {name!r} recursed without end on these inputs") from None
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, AttributeError, KeyError) as err:
-            raise ChatTemplateError(f"chat template {name!r} failed on these messages: {type(err).__name__}: {err}") from err
+            raise ChatTemplateError(
+                f"chat template {name!r} failed on these messages: {type(err).__name__}: {err}"
+            ) from err
 
     def _compile(self, name: str) -> jinja2.Template:
         if name not in self._compiled:
             try:
                 self._compiled[name] = self._env.from_string(self.templates[name])
             except jinja2.exceptions.TemplateSyntaxError as err:
-                raise ChatTemplateError(f"chat template {name!r} is not valid jinja: {err.message} (line {err.lineno})") from None
+                raise ChatTemplateError(
+                    f"chat template {name!r} is not valid jinja: {err.message} (line {err.lineno})"
+                ) from None
         return self._compiled[name]

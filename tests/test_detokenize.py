@@ -56,7 +56,8 @@ def test_prompt_context_and_special_tokens(tokenizer):
     prompt = tokenizer.encode("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi 안녕<|END_OF_TURN_TOKEN|>"
                               "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>").ids
     answer = " Hello 😀 반갑습니다"
-    generated = tokenizer.encode(answer, add_special_tokens=False).ids + [tokenizer.token_to_id("<|END_OF_TURN_TOKEN|>")]
+    generated = (tokenizer.encode(answer, add_special_tokens=False).ids
+                 + [tokenizer.token_to_id("<|END_OF_TURN_TOKEN|>")])
     pieces = stream(StreamingDetokenizer(tokenizer, prompt_ids=prompt), generated)
     # The leading space survives and the end-of-turn token is skipped.
     assert "".join(pieces) == tokenizer.decode(generated, skip_special_tokens=True) == answer

@@ -36,10 +36,12 @@ def test_tool_calls():
     "text, calls",
     [
         # As the tool_use template renders past calls: text first, "]```" closing.
-        ('Let me look.\nAction:\n```json\n[\n    {\n        "tool_name": "f",\n        "parameters": {"x": [1, 2]}\n    }\n]```\n',
+        ('Let me look.\nAction:\n```json\n[\n    {\n        "tool_name": "f",\n'
+         '        "parameters": {"x": [1, 2]}\n    }\n]```\n',
          [ToolCall("f", {"x": [1, 2]})]),
         # No fence at all, non-ASCII parameters, parameters omitted.
-        ('Action: [{"tool_name": "검색", "parameters": {"q": "東京 😀"}}, {"tool_name": "g"}]', [ToolCall("검색", {"q": "東京 😀"}), ToolCall("g", {})]),
+        ('Action: [{"tool_name": "검색", "parameters": {"q": "東京 😀"}}, {"tool_name": "g"}]',
+         [ToolCall("검색", {"q": "東京 😀"}), ToolCall("g", {})]),
         # Generation stopped before the closing fence.
         ('Action: ```json\n[{"tool_name": "f", "parameters": {}}]', [ToolCall("f", {})]),
         ("Action: ```json\n[]\n```", []),
@@ -59,7 +61,8 @@ def test_tool_call_variants(text, calls):
         ('Action: ```json\n{"tool_name": "f", "parameters": {}}\n```', "must be a JSON list"),
         ('Action: ```json\n["f"]\n```', "action 0 is not a JSON object"),
         ('Action: ```json\n[{"parameters": {}}]\n```', "action 0 has no tool_name"),
-        ('Action: ```json\n[{"tool_name": "f", "parameters": {}}, {"tool_name": "g", "parameters": "q=1"}]\n```', r"action 1 \(g\) parameters"),
+        ('Action: ```json\n[{"tool_name": "f", "parameters": {}}, {"tool_name": "g", "parameters": "q=1"}]\n```',
+         r"action 1 \(g\) parameters"),
         ("", "no 'Action:'"),
     ],
 )
@@ -73,7 +76,8 @@ def test_malformed_tool_calls(text, error):
 ACCURATE = """Relevant Documents: 0,1,2
 Cited Documents: 0,2
 Answer: The emperor penguin is the tallest penguin, and it lives in Antarctica.
-Grounded answer: The <co: 0>emperor penguin</co: 0> is the tallest penguin, and it lives in <co: 0,2>Antarctica</co: 0,2>."""
+Grounded answer: The <co: 0>emperor penguin</co: 0> is the tallest penguin, and it lives in \
+<co: 0,2>Antarctica</co: 0,2>."""
 
 
 def test_grounded_answer():
@@ -89,7 +93,8 @@ def test_grounded_answer():
 
 
 def test_grounded_answer_fast_mode_and_non_ascii():
-    text = "Relevant Documents: None\nCited Documents: None\nGrounded answer: <co: 1>황제펭귄</co: 1>은 <co: 1, 3>남극 🐧</co: 1,3>에 산다."
+    text = ("Relevant Documents: None\nCited Documents: None\n"
+            "Grounded answer: <co: 1>황제펭귄</co: 1>은 <co: 1, 3>남극 🐧</co: 1,3>에 산다.")
     result = parse_grounded_answer(text)
     assert result.error is None
     assert result.text == "황제펭귄은 남극 🐧에 산다."
