@@ -18,9 +18,6 @@ __all__ = ["load_model", "load_checkpoint", "resolve_checkpoint", "CohereConfig"
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def load_model(model: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
                ) -> tuple[CohereForCausalLM, CohereConfig]:
     """Load a preset name, a checkpoint folder or a hub id as an eval-mode model in ``dtype``.
