@@ -1,7 +1,9 @@
 """Checkpoint → artifact folder: load, trace to ONNX, (optionally) build TensorRT, verify parity, write manifest.
 
-Everything is written into a temporary folder beside ``out`` and renamed into place at the end, so an
-interrupted or failed export never leaves a half folder and never damages the previous artifact.
+Everything is written into a temporary folder beside ``out`` and swapped into place at the end, so an
+interrupted (Ctrl-C, SIGTERM) or failed export never leaves a half folder and never damages the previous
+artifact. ``out`` is replaced only when it is missing, empty or an artifact of ours: never the checkpoint, never
+a folder of someone else's files.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def build(opts: ExportOptions) -> Path:
 
     log.info("resolving %s", opts.model)
     folder = resolve_checkpoint(opts.model)
-    _check_out(out, folder)
+    checked = _check_out(out, folder)
     config = CohereConfig.from_json_file(folder / "config.json")
     tokenizer_config = _check_serving_files(folder, config)
     limit = model_context_limit(config, tokenizer_config)
@@ -199,7 +201,7 @@ def build(opts: ExportOptions) -> Path:
                 parity_section = Parity(skipped="--skip-verify")
             _write_manifest(tmp, sections, parity_section, _build_info(started, weight_bytes), artifact_files)
             tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-            _replace(tmp, out)
+            _replace(tmp, out, checked)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -316,19 +318,21 @@ def _hash_files(paths: list[Path], desc: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- the --out folder, safely
 
 
-def _check_out(out: Path, checkpoint: Path) -> None:
+def _check_out(out: Path, checkpoint: Path) -> tuple[int, int] | None:
     """``out`` may be replaced only when it is missing, empty, or an artifact holding nothing but its own files:
-    export never deletes what it did not write (as git refuses to overwrite untracked files)."""
+    export never deletes what it did not write (as git refuses to overwrite untracked files). Returns the identity
+    (device, inode) of the folder found there, or None."""
     source = checkpoint.resolve()
     target = out.resolve()
     if target == source or target in source.parents:
         raise ExportError(f"--out {out}: holds the checkpoint being exported ({checkpoint}); replacing it would "
                           "delete the checkpoint. Pass another folder.")
     if not out.is_dir():
-        return
+        return None
+    identity = out.stat().st_dev, out.stat().st_ino
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
-        return
+        return identity
     listed = _artifact_listing(out)
     if listed is None:
         raise ExportError(f"--out {out}: a folder that is not empty and not an artifact (no {MANIFEST} written by "
@@ -338,6 +342,7 @@ def _check_out(out: Path, checkpoint: Path) -> None:
         raise ExportError(f"--out {out}: an artifact holding files its manifest does not list "
                           f"({', '.join(foreign[:5])}); export would delete them. Move them away or pass another "
                           "folder.")
+    return identity
 
 
 def _artifact_listing(folder: Path) -> set[str] | None:
@@ -383,15 +388,30 @@ def _process_alive(pid: int) -> bool:
 def _sigterm_interrupts():
     """SIGTERM (a container stop, ``kill``) unwinds like Ctrl-C, so the temporary folder is removed on the way
     out; the exit status is the conventional 128 + 15."""
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
-        yield
-        return
-
     def terminate(signum, frame):
         log.warning("SIGTERM: stopping the export")
         raise SystemExit(128 + signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    with _sigterm_handler(terminate):
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """SIGTERM waits until the block is done (a swap must not stop halfway), then is delivered as before."""
+    received = []
+    with _sigterm_handler(lambda signum, frame: received.append(signum)):
+        yield
+    if received:
+        signal.raise_signal(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_handler(handler):
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
@@ -416,33 +436,26 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def _replace(tmp: Path, out: Path, checked: tuple[int, int] | None) -> None:
     """Move the finished folder into place. An existing artifact is swapped with it in one step, so ``out`` is
-    never missing, then removed from where the new one was. SIGTERM waits until the swap is complete."""
-    blocked = {signal.SIGTERM}
-    if threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
+    never missing, then removed from where the new one was, if it is the folder ``_check_out`` approved
+    (``checked``). SIGTERM waits until the swap is complete."""
+    with _sigterm_deferred():
         if not out.exists():
             tmp.rename(out)
             return
-        before = out.stat()
         if _exchange(tmp, out):
             old = tmp
         else:  # no renameat2 (not Linux, or an old kernel or file system): a moment without `out`
             old = out.with_name(f"{_temporary_prefix(out)}{os.getpid()}-old")
             out.rename(old)
             tmp.rename(out)
-        swapped = old.stat()
-        if (swapped.st_dev, swapped.st_ino) != (before.st_dev, before.st_ino):  # not what _check_out looked at
+        if (old.stat().st_dev, old.stat().st_ino) != checked:  # replaced by someone else since it was checked
             kept = out.with_name(f".{out.name}.replaced-{int(time.time())}")
             old.rename(kept)
             log.warning("%s changed while the export replaced it; what was there is kept in %s", out, kept)
             return
         shutil.rmtree(old)
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
 
 def _check_disk(where: Path, needed: int) -> None:

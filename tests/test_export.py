@@ -440,3 +440,23 @@ def test_a_symlink_inside_the_checkpoint_is_followed(tiny_copy, tmp_path):
     out = build(ExportOptions(model=str(tiny_copy), out=tmp_path / "art", max_batch=1, max_context=32,
                               engine="onnx", verify=False))
     assert not (out / "tokenizer.json").is_symlink() and Artifact.open(out)
+
+
+def test_a_folder_put_in_place_after_the_check_is_kept(tmp_path, monkeypatch):
+    """Between the check of --out and the swap another process replaces the folder: what it put there survives."""
+    options = ExportOptions(model="tiny", out=tmp_path / "art", max_batch=1, max_context=32, engine="onnx",
+                            verify=False)
+    out = build(options)
+    real = build_module._check_out
+
+    def check_then_race(out, checkpoint):
+        checked = real(out, checkpoint)
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "theirs.txt").write_text("not ours")
+        return checked
+
+    monkeypatch.setattr(build_module, "_check_out", check_then_race)
+    build(options)
+    [kept] = tmp_path.glob(".art.replaced-*")
+    assert (kept / "theirs.txt").read_text() == "not ours" and Artifact.open(out)
