@@ -152,8 +152,12 @@ class Manifest:
         manifest = _parse(cls, raw, where)
         for name in manifest.files:
             plain_file_name(name, f"{where}: files")
-        for field, name in [("graph.onnx_file", manifest.graph.onnx_file)] + (
-                [("tensorrt.plan.plan_file", manifest.tensorrt.plan.plan_file)] if manifest.tensorrt.built else []):
+        named = [("graph.onnx_file", manifest.graph.onnx_file)]
+        if manifest.tensorrt.built:
+            plan = manifest.tensorrt.plan
+            named += [(f"tensorrt.plan.{field}", getattr(plan, field)) for field in (
+                "plan_file", "build_log_file", "timing_cache_file") if getattr(plan, field) is not None]
+        for field, name in named:
             if plain_file_name(name, f"{where}: {field}") not in manifest.files:
                 raise ArtifactError(f"{where}: {field} names {name!r}, which the files section does not list")
         _check_graph(manifest.graph, manifest.config, where)

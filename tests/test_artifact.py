@@ -40,10 +40,9 @@ def test_file_entries_outside_the_folder_are_refused_unread(copy, outside, name)
     assert "12345" not in str(e.value)
 
 
-@pytest.mark.parametrize("field", ["onnx_file"])
-def test_an_absolute_graph_file_is_refused(copy, outside, field):
-    edit_manifest(copy, lambda m: m["graph"].update({field: str(outside)}))
-    with pytest.raises(ArtifactError, match=f"graph.{field}: .* is not a plain file name"):
+def test_an_absolute_graph_file_is_refused(copy, outside):
+    edit_manifest(copy, lambda m: m["graph"].update(onnx_file=str(outside)))
+    with pytest.raises(ArtifactError, match="graph.onnx_file: .* is not a plain file name"):
         Artifact.open(copy)
 
 
@@ -136,3 +135,31 @@ def test_a_symlinked_manifest_is_refused(copy, tmp_path):
 def test_the_real_artifact_opens_and_runs(copy):
     with open_engine(Artifact.open(copy), "onnxruntime-cpu") as engine:
         assert engine.spec.num_layers == 2
+
+
+def _with_plan(**fields):
+    """A tensorrt section as export writes one, listing files that exist in the folder unless told otherwise."""
+    def edit(m):
+        m["tensorrt"] = {"plan": {
+            "module": "tensorrt_rtx", "version": "1.7", "gpu": None, "compute_capability_targets": None,
+            "profiles": [], "native_layers": {}, "attention_decomposable": True, "plan_file": "config.json",
+            "plan_sha256": m["files"]["config.json"]["sha256"], "build_log_file": "tokenizer.json",
+            "timing_cache_file": None, "build_seconds": 1.0, **fields}, "reason": None}
+    return edit
+
+
+@pytest.mark.parametrize("field", ["plan_file", "build_log_file", "timing_cache_file"])
+@pytest.mark.parametrize("name", ["../secret", "{outside}"])
+def test_plan_files_outside_the_folder_are_refused(copy, outside, field, name):
+    edit_manifest(copy, _with_plan(**{field: name.format(outside=outside)}))
+    with pytest.raises(ArtifactError, match=f"tensorrt.plan.{field}: .* is not a plain file name") as e:
+        Artifact.open(copy)
+    assert "12345" not in str(e.value)
+
+
+def test_plan_files_must_be_listed(copy):
+    edit_manifest(copy, _with_plan(build_log_file="build.log"))
+    with pytest.raises(ArtifactError, match="tensorrt.plan.build_log_file names 'build.log', which the files"):
+        Artifact.open(copy)
+    edit_manifest(copy, _with_plan())
+    assert Artifact.open(copy).manifest.tensorrt.built
