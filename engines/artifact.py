@@ -298,7 +298,7 @@ class Artifact:
         except FileNotFoundError:
             raise ArtifactError(f"{folder}: no {MANIFEST}; is this an artifact folder written by "
                                 "`python -m export`?") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer of over 4300 digits, deep nesting
             raise ArtifactError(f"{manifest_path}: not valid JSON ({type(e).__name__}: {e})") from None
         manifest = Manifest.from_dict(raw, str(manifest_path))
         if verify:

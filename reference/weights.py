@@ -35,7 +35,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, RecursionError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")

@@ -163,3 +163,10 @@ def test_plan_files_must_be_listed(copy):
         Artifact.open(copy)
     edit_manifest(copy, _with_plan())
     assert Artifact.open(copy).manifest.tensorrt.built
+
+
+@pytest.mark.parametrize("text", ['{"format_version": 2, "created": ' + "9" * 5000 + "}", "[" * 100000, "\xff\xfe"])
+def test_manifests_json_cannot_parse_are_an_artifact_error(copy, text):
+    (copy / "manifest.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ArtifactError, match="manifest.json: not valid JSON"):
+        Artifact.open(copy)

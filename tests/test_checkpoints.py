@@ -231,3 +231,16 @@ def test_bfloat16_and_float16_checkpoints_load(checkpoint, dtype):
     stored = load_file(checkpoint / "model.safetensors")
     model, _ = load_model(checkpoint)
     assert all(torch.equal(p, stored[name].float()) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("text", ['{"vocab_size": ' + "9" * 5000 + "}", "[" * 100000])
+def test_config_json_cannot_parse_is_named(checkpoint, text):
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load_model(checkpoint)
+
+
+def test_index_json_cannot_parse_is_named(checkpoint):
+    (checkpoint / "model.safetensors.index.json").write_text('{"weight_map": ' + "9" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a safetensors index"):
+        load_model(checkpoint)
