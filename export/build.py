@@ -32,7 +32,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from engines import Artifact, EngineError, open_engine
+from engines import Artifact, EngineError, open_engine, tensorrt_unusable_reason
 from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph, Manifest, Parity, Source, TensorRT,
                               sha256_file)
 from engines.base import GraphSpec
@@ -269,11 +269,8 @@ def _verify(artifact: Artifact, folder: Path) -> Parity:
     log.info("verifying parity against the fp32 reference")
     reference, _ = load_checkpoint(folder, torch.float32)
     backends, unmeasured = ["onnxruntime"], {}
-    section = artifact.manifest.tensorrt
-    if section.built:
-        from engines import tensorrt
-
-        why = tensorrt.plan_unusable_reason(section.plan)
+    if artifact.manifest.tensorrt.built:
+        why = tensorrt_unusable_reason(artifact)
         if why is None:
             backends.append("tensorrt")
         else:

@@ -460,3 +460,19 @@ def test_a_folder_put_in_place_after_the_check_is_kept(tmp_path, monkeypatch):
     build(options)
     [kept] = tmp_path.glob(".art.replaced-*")
     assert (kept / "theirs.txt").read_text() == "not ours" and Artifact.open(out)
+
+
+def test_parity_opens_the_finished_artifact_as_a_server_does(tmp_path, monkeypatch):
+    """Export chooses no engine itself: it opens the temporary artifact through Artifact and open_engine."""
+    opened = []
+
+    def recording_open_engine(artifact, backend="auto"):
+        opened.append((artifact.folder, backend, set(artifact.manifest.files)))
+        return open_engine(artifact, backend)
+
+    monkeypatch.setattr(build_module, "open_engine", recording_open_engine)
+    out = build(ExportOptions(model="tiny", out=tmp_path / "art", max_batch=1, max_context=32, engine="onnx"))
+    [(folder, backend, files)] = opened
+    assert folder.name.startswith(".art.tmp-") and backend == "onnxruntime"
+    assert files == set(Artifact.open(out).manifest.files)
+    assert Artifact.open(out).manifest.parity.reports["onnxruntime-cpu"]["passed"]
