@@ -7,7 +7,8 @@ import logging
 from .artifact import Artifact, ArtifactError
 from .base import Engine, EngineError, GraphSpec
 
-__all__ = ["Artifact", "ArtifactError", "Engine", "EngineError", "GraphSpec", "open_engine", "BACKENDS"]
+__all__ = ["Artifact", "ArtifactError", "Engine", "EngineError", "GraphSpec", "open_engine",
+           "tensorrt_unusable_reason", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +21,11 @@ def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend in ("auto", "tensorrt"):
-        section = artifact.manifest.tensorrt
-        if section.built:  # only then import the TensorRT runtime (and torch, its device allocator)
+        why = tensorrt_unusable_reason(artifact)
+        if why is None:
             from . import tensorrt
 
-            why = tensorrt.plan_unusable_reason(section.plan)
-            if why is None:
-                return tensorrt.TensorRTEngine(artifact.folder, artifact.spec, section.plan)
-        else:
-            why = "the artifact holds no TensorRT plan" + (f" ({section.reason})" if section.reason else "")
+            return tensorrt.TensorRTEngine(artifact.folder, artifact.spec, artifact.manifest.tensorrt.plan)
         if backend == "tensorrt":
             raise EngineError(f"backend 'tensorrt': {why}")
         log.info("not using TensorRT: %s", why)
@@ -36,3 +33,14 @@ def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
 
     device = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda"}.get(backend, "auto")
     return OnnxRuntimeEngine(artifact.path(artifact.manifest.graph.onnx_file), artifact.spec, device=device)
+
+
+def tensorrt_unusable_reason(artifact: Artifact) -> str | None:
+    """Why ``open_engine`` cannot run ``artifact`` on TensorRT here (no plan, another GPU or TensorRT version), or
+    None when it can."""
+    section = artifact.manifest.tensorrt
+    if not section.built:
+        return "the artifact holds no TensorRT plan" + (f" ({section.reason})" if section.reason else "")
+    from . import tensorrt  # only now: the TensorRT runtime imports torch, its device allocator
+
+    return tensorrt.plan_unusable_reason(section.plan)

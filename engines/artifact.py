@@ -152,11 +152,41 @@ class Manifest:
         manifest = _parse(cls, raw, where)
         for name in manifest.files:
             plain_file_name(name, f"{where}: files")
-        for field, name in [("graph.onnx_file", manifest.graph.onnx_file)] + (
-                [("tensorrt.plan.plan_file", manifest.tensorrt.plan.plan_file)] if manifest.tensorrt.built else []):
+        named = [("graph.onnx_file", manifest.graph.onnx_file)]
+        if manifest.tensorrt.built:
+            plan = manifest.tensorrt.plan
+            named += [(f"tensorrt.plan.{field}", getattr(plan, field)) for field in (
+                "plan_file", "build_log_file", "timing_cache_file") if getattr(plan, field) is not None]
+        for field, name in named:
             if plain_file_name(name, f"{where}: {field}") not in manifest.files:
                 raise ArtifactError(f"{where}: {field} names {name!r}, which the files section does not list")
+        _check_graph(manifest.graph, manifest.config, where)
         return manifest
+
+
+# The model config fields the graph's spec is derived from (export: GraphSpec from CohereConfig).
+_SPEC_FROM_CONFIG = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads",
+                     "vocab_size": "vocab_size"}
+
+
+def _check_graph(graph: Graph, config: dict, where: str) -> None:
+    """The graph section must be what its spec declares and agree with the model config it was exported from."""
+    spec = graph.spec
+    for field, config_field in _SPEC_FROM_CONFIG.items():
+        if config.get(config_field) != getattr(spec, field):
+            raise ArtifactError(f"{where}: graph.spec.{field} {getattr(spec, field)!r} disagrees with "
+                                f"config.{config_field} {config.get(config_field)!r}")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not (type(hidden) is int and type(heads) is int and heads > 0 and hidden // heads == spec.head_dim):
+        raise ArtifactError(f"{where}: graph.spec.head_dim {spec.head_dim} disagrees with config.hidden_size "
+                            f"{hidden!r} / config.num_attention_heads {heads!r}")
+    declared = spec.io()
+    for section in ("inputs", "outputs"):
+        written, expected = getattr(graph, section), declared[section]
+        for name in sorted(set(written) | set(expected)):
+            if written.get(name) != expected.get(name):
+                raise ArtifactError(f"{where}: graph.{section}.{name} is {written.get(name)!r}; the graph's spec "
+                                    f"declares {expected.get(name)!r}")
 
 
 # ------------------------------------------------------------------------------------------ JSON, type-checked
@@ -261,12 +291,14 @@ class Artifact:
         manifest_path = folder / MANIFEST
         if not folder.is_dir():
             raise ArtifactError(f"{folder}: not a folder; pass the artifact folder that `python -m export` wrote")
+        if manifest_path.is_symlink():
+            raise ArtifactError(f"{manifest_path}: a symlink; an artifact's manifest is a plain file in its folder")
         try:
             raw = json.loads(manifest_path.read_text())
         except FileNotFoundError:
             raise ArtifactError(f"{folder}: no {MANIFEST}; is this an artifact folder written by "
                                 "`python -m export`?") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer of over 4300 digits, deep nesting
             raise ArtifactError(f"{manifest_path}: not valid JSON ({type(e).__name__}: {e})") from None
         manifest = Manifest.from_dict(raw, str(manifest_path))
         if verify:

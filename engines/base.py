@@ -36,6 +36,12 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present_key_{layer}", f"present_value_{layer}"
 
 
+# Upper bounds of every GraphSpec size: far above any Cohere checkpoint (Command R+: 64 layers, 256000 tokens,
+# 131072 context), far below what would exhaust memory when an engine sizes its caches or IO from them.
+LIMITS = {"num_layers": 1024, "num_kv_heads": 1024, "head_dim": 4096, "vocab_size": 1 << 22, "max_batch": 4096,
+          "max_context": 1 << 22}
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphSpec:
     """What the exported graph takes and gives; written to and read from the manifest's ``graph`` section."""
@@ -47,6 +53,15 @@ class GraphSpec:
     max_batch: int
     max_context: int
     dtype: str  # "float16" | "float32": weights, activations and caches; logits are always float32
+
+    def __post_init__(self):
+        # Refused before anything is sized from them: a manifest saying num_layers=10**12 must not allocate.
+        for name, most in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"{name} {value!r}: must be an integer in [1, {most}]")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype {self.dtype!r}: must be float16 or float32")
 
     @property
     def cache_shape_per_row(self) -> tuple[int, int, int]:

@@ -74,6 +74,28 @@ class OnnxRuntimeEngine(Engine):
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile classes
             raise EngineError(f"{onnx_path}: ONNX Runtime cannot load it: {e}") from None
         self._np_dtype = NUMPY_DTYPES[spec.dtype]
+        self._check_session_io(onnx_path)
+
+    def _check_session_io(self, onnx_path: Path) -> None:
+        """The graph's inputs and outputs must be the spec's: names, dtypes and static dims. A graph that disagrees
+        with its manifest is refused here, on open, instead of failing every request."""
+        onnx_types = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)"}
+        declared = self.spec.io()
+        for section, values in (("inputs", self.session.get_inputs()), ("outputs", self.session.get_outputs())):
+            actual = {v.name: v for v in values}
+            expected = declared[section]
+            if set(actual) != set(expected):
+                extra, missing = sorted(set(actual) - set(expected)), sorted(set(expected) - set(actual))
+                raise EngineError(f"{onnx_path}: the graph's {section} differ from the artifact's spec (in the "
+                                  f"graph only: {', '.join(extra[:5]) or 'none'}; missing: "
+                                  f"{', '.join(missing[:5]) or 'none'})")
+            for name, want in expected.items():
+                got = actual[name]
+                static = [d if isinstance(d, int) else None for d in got.shape]
+                if got.type != onnx_types[want["dtype"]] or len(got.shape) != len(want["shape"]) or any(
+                        isinstance(w, int) and w != d for w, d in zip(want["shape"], static)):
+                    raise EngineError(f"{onnx_path}: {section[:-1]} {name} is {got.type} {got.shape}; the artifact's "
+                                      f"spec declares {want['dtype']} {want['shape']}")
 
     def allocate(self, batch: int) -> OrtCacheState:
         if not 1 <= batch <= self.spec.max_batch:

@@ -1,27 +1,38 @@
 """Checkpoint → artifact folder: load, trace to ONNX, (optionally) build TensorRT, verify parity, write manifest.
 
-Everything is written into a temporary folder beside ``out`` and renamed into place at the end, so an
-interrupted or failed export never leaves a half folder and never damages the previous artifact.
+Everything is written into a temporary folder beside ``out`` and swapped into place at the end, so an
+interrupted (Ctrl-C, SIGTERM) or failed export never leaves a half folder and never damages the previous
+artifact. ``out`` is replaced only when it is missing, empty or an artifact of ours: never the checkpoint, never
+a folder of someone else's files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import datetime
+import errno
 import gc
 import json
 import logging
+import os
 import platform
+import re
 import resource
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from engines import Artifact, EngineError, open_engine, tensorrt_unusable_reason
 from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph, Manifest, Parity, Source, TensorRT,
                               sha256_file)
 from engines.base import GraphSpec
@@ -33,9 +44,11 @@ from .onnx_graph import ONNX_FILE, OPSET, export_onnx
 
 log = logging.getLogger(__name__)
 
-# Files a serving process needs besides the graph; tokenizer files are optional in a checkpoint (a bare
-# weights folder can still be exported and run on token ids).
+# Files a serving process needs besides the graph. serve.Generator loads tokenizer.json and tokenizer_config.json,
+# so export refuses a checkpoint without them (as vLLM refuses a model without a tokenizer) rather than write an
+# artifact nothing can serve; special_tokens_map.json is copied when present.
 CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 GENERATION_CONFIG = "generation_config.json"
 ENGINES = ("auto", "onnx", "tensorrt")
 
@@ -60,16 +73,84 @@ def default_out(model: str, dtype: str) -> Path:
     return Path("build") / f"{name}-{dtype}"
 
 
-def model_context_limit(config: CohereConfig, folder: Path) -> int:
+def model_context_limit(config: CohereConfig, tokenizer_config: dict) -> int:
     """The longest context the checkpoint claims: Command-R's config says 8192 while its tokenizer config
     says 131072, the length it was trained for; the larger is the model's."""
     limit = config.max_position_embeddings
-    tok_config = folder / "tokenizer_config.json"
-    if tok_config.exists():
-        claimed = json.loads(tok_config.read_text()).get("model_max_length")
-        if isinstance(claimed, int) and claimed < 10**7:  # transformers writes 1e30 for "unset"
-            limit = max(limit, claimed)
+    claimed = tokenizer_config.get("model_max_length")
+    if isinstance(claimed, int) and claimed < 10**7:  # transformers writes 1e30 for "unset"
+        limit = max(limit, claimed)
     return limit
+
+
+def _check_serving_files(folder: Path, config: CohereConfig) -> dict:
+    """Check, before any work, the checkpoint files that serve reads from the artifact, so that export never writes
+    an artifact serve cannot load; returns the parsed tokenizer_config.json."""
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder}: no {name}; serving the artifact needs it. Copy the model's {name} into the "
+                              "checkpoint folder (transformers: AutoTokenizer.from_pretrained(...).save_pretrained)")
+    path = folder / "tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for any malformed file
+        raise ExportError(f"{path}: the tokenizers library cannot load it ({e})") from None
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= config.vocab_size:
+        raise ExportError(f"{path}: has token id {largest}, outside the model's vocab_size {config.vocab_size} "
+                          "(is it the tokenizer of this checkpoint?)")
+
+    tokenizer_config = _json_object(folder / "tokenizer_config.json")
+    template = tokenizer_config.get("chat_template")
+    if not (template is None or isinstance(template, str) or isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)):
+        raise ExportError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                          "{'name': str, 'template': str}")
+
+    generation = folder / GENERATION_CONFIG
+    problem = _generation_config_problem(_json_object(generation) if generation.exists()
+                                         else config.generation_config(), config.vocab_size)
+    if problem:
+        raise ExportError(f"{generation if generation.exists() else folder / 'config.json'}: {problem}")
+    return tokenizer_config
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def _generation_config_problem(raw: dict, vocab_size: int) -> str | None:
+    """What in a generation_config.json serve cannot use (the fields it reads, with the bounds its sampler
+    checks), or None. Unset (null) fields take transformers' defaults."""
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+    for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        value = raw.get(name)
+        ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
+        if value is not None and not all(integer(i) and 0 <= i < vocab_size for i in ids):
+            return f"{name} {value!r}: must be a token id in [0, {vocab_size})"
+    checks = {"do_sample": (lambda v: isinstance(v, bool), "must be true or false"),
+              "temperature": (lambda v: number(v) and v >= 0, "must be a number >= 0"),
+              "top_k": (lambda v: integer(v) and v >= 0, "must be an integer >= 0"),
+              "top_p": (lambda v: number(v) and 0 < v <= 1, "must lie in (0, 1]"),
+              "min_p": (lambda v: number(v) and 0 <= v <= 1, "must lie in [0, 1]"),
+              "repetition_penalty": (lambda v: number(v) and v > 0, "must be a number > 0"),
+              "max_new_tokens": (lambda v: integer(v) and v >= 1, "must be an integer >= 1")}
+    for name, (valid, why) in checks.items():
+        if raw.get(name) is not None and not valid(raw[name]):
+            return f"{name} {raw[name]!r}: {why}"
+    return None
 
 
 def build(opts: ExportOptions) -> Path:
@@ -83,14 +164,18 @@ def build(opts: ExportOptions) -> Path:
         raise ExportError(f"--max-batch {opts.max_batch}: must be at least 1")
     if opts.max_context < 2:
         raise ExportError(f"--max-context {opts.max_context}: must be at least 2")
-    out = Path(opts.out or default_out(opts.model, opts.dtype))
+    out = Path(opts.out or default_out(opts.model, opts.dtype)).absolute()
+    if out.is_symlink():
+        raise ExportError(f"--out {out}: is a symlink; pass the folder itself")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: is a file; pass a folder path")
 
     log.info("resolving %s", opts.model)
     folder = resolve_checkpoint(opts.model)
+    checked = _check_out(out, folder)
     config = CohereConfig.from_json_file(folder / "config.json")
-    limit = model_context_limit(config, folder)
+    tokenizer_config = _check_serving_files(folder, config)
+    limit = model_context_limit(config, tokenizer_config)
     if opts.max_context > limit:
         raise ExportError(f"--max-context {opts.max_context} exceeds the model's context of {limit} tokens "
                           "(max_position_embeddings / model_max_length)")
@@ -102,19 +187,31 @@ def build(opts: ExportOptions) -> Path:
                      head_dim=config.head_dim, vocab_size=config.vocab_size, max_batch=opts.max_batch,
                      max_context=opts.max_context, dtype=opts.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        sections = _build_into(tmp, opts, folder, config, spec)
-        build_info = Build(seconds=round(time.perf_counter() - started, 2), weight_bytes=weight_bytes,
-                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        _write_manifest(tmp, sections, build_info)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _remove_stale_temporaries(out)
+    with _sigterm_interrupts():
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_temporary_prefix(out)}{os.getpid()}-", dir=out.parent))
+        try:
+            sections = _build_into(tmp, opts, folder, config, spec)
+            artifact_files = _artifact_files(tmp)
+            _write_manifest(tmp, sections, Parity(skipped="verification did not finish"), _build_info(
+                started, weight_bytes), artifact_files)
+            if opts.verify:  # through the same Artifact and open_engine a server uses
+                parity_section = _verify(Artifact.open(tmp, verify=False), folder)
+            else:
+                parity_section = Parity(skipped="--skip-verify")
+            _write_manifest(tmp, sections, parity_section, _build_info(started, weight_bytes), artifact_files)
+            tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+            _replace(tmp, out, checked)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("artifact written to %s (%.1f s)", out, time.perf_counter() - started)
     return out
+
+
+def _build_info(started: float, weight_bytes: int) -> Build:
+    return Build(seconds=round(time.perf_counter() - started, 2), weight_bytes=weight_bytes,
+                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConfig, spec: GraphSpec) -> dict:
@@ -143,7 +240,6 @@ def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConf
         config=config.to_dict(),
         graph=Graph(spec=spec, opset=OPSET, onnx_file=ONNX_FILE, **spec.io()),
         tensorrt=tensorrt,
-        parity=_verify(tmp, folder, spec, tensorrt) if opts.verify else Parity(skipped="--skip-verify"),
         tools=_tool_versions(),
     )
 
@@ -167,39 +263,46 @@ def _maybe_build_tensorrt(tmp: Path, opts: ExportOptions, spec: GraphSpec) -> Te
     return TensorRT(plan=tensorrt_build.build_plan(tmp / ONNX_FILE, spec, tmp))
 
 
-def _verify(tmp: Path, folder: Path, spec: GraphSpec, tensorrt_section: TensorRT) -> Parity:
-    """Parity of every engine that can run here, keyed by backend; a plan that cannot run says why."""
-    from engines import tensorrt
-    from engines.onnxruntime import OnnxRuntimeEngine
-
+def _verify(artifact: Artifact, folder: Path) -> Parity:
+    """Parity of every engine that can run here, keyed by backend; a plan that cannot run says why. Engines are
+    opened by ``open_engine`` from the finished folder, exactly as a server opens them."""
     log.info("verifying parity against the fp32 reference")
     reference, _ = load_checkpoint(folder, torch.float32)
-    engines = [OnnxRuntimeEngine(tmp / ONNX_FILE, spec)]
-    reports, unmeasured = {}, {}
-    if tensorrt_section.built:
-        why = tensorrt.plan_unusable_reason(tensorrt_section.plan)
+    backends, unmeasured = ["onnxruntime"], {}
+    if artifact.manifest.tensorrt.built:
+        why = tensorrt_unusable_reason(artifact)
         if why is None:
-            engines.append(tensorrt.TensorRTEngine(tmp, spec, tensorrt_section.plan))
+            backends.append("tensorrt")
         else:
             log.warning("TensorRT plan not verified: %s", why)
             unmeasured["tensorrt"] = why
-    for engine in engines:
-        report = parity.measure(reference, engine)
+    reports = {}
+    for backend in backends:
+        try:
+            engine = open_engine(artifact, backend)
+        except EngineError as e:
+            raise ExportError(f"the exported artifact does not open on {backend}: {e}") from None
+        with engine:
+            report = parity.measure(reference, engine)
         print(parity.format_table(report))
         if not report["passed"]:
             failed = ", ".join(r["output"] for r in report["rows"] if not r["passed"])
-            raise ExportError(f"{engine.backend} parity check failed ({failed}) past the {spec.dtype} tolerance; "
-                              "nothing was written. Use --skip-verify to write the artifact anyway (recorded in "
-                              "its manifest).")
+            raise ExportError(f"{engine.backend} parity check failed ({failed}) past the {artifact.spec.dtype} "
+                              "tolerance; nothing was written. Use --skip-verify to write the artifact anyway "
+                              "(recorded in its manifest).")
         reports[engine.backend] = report
     return Parity(reports=reports, unmeasured=unmeasured)
 
 
-def _write_manifest(tmp: Path, sections: dict, build_info: Build) -> None:
-    paths = sorted(p for p in tmp.iterdir() if p.is_file())
+def _artifact_files(tmp: Path) -> dict[str, FileEntry]:
+    paths = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
     hashes = _hash_files(paths, "hashing the artifact")
-    files = {p.name: FileEntry(sha256=hashes[p.name], bytes=p.stat().st_size) for p in paths}
-    manifest = Manifest(**sections, build=build_info, files=files)
+    return {p.name: FileEntry(sha256=hashes[p.name], bytes=p.stat().st_size) for p in paths}
+
+
+def _write_manifest(tmp: Path, sections: dict, parity_section: Parity, build_info: Build,
+                    files: dict[str, FileEntry]) -> None:
+    manifest = Manifest(**sections, parity=parity_section, build=build_info, files=files)
     (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
@@ -209,15 +312,147 @@ def _hash_files(paths: list[Path], desc: str) -> dict[str, str]:
         return {p.name: sha256_file(p, bar.update) for p in paths}
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing artifact is swapped out, then removed."""
-    if not out.exists():
-        tmp.rename(out)
+# ------------------------------------------------------------------------------------- the --out folder, safely
+
+
+def _check_out(out: Path, checkpoint: Path) -> tuple[int, int] | None:
+    """``out`` may be replaced only when it is missing, empty, or an artifact holding nothing but its own files:
+    export never deletes what it did not write (as git refuses to overwrite untracked files). Returns the identity
+    (device, inode) of the folder found there, or None."""
+    source = checkpoint.resolve()
+    target = out.resolve()
+    if target == source or target in source.parents:
+        raise ExportError(f"--out {out}: holds the checkpoint being exported ({checkpoint}); replacing it would "
+                          "delete the checkpoint. Pass another folder.")
+    if not out.is_dir():
+        return None
+    identity = out.stat().st_dev, out.stat().st_ino
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return identity
+    listed = _artifact_listing(out)
+    if listed is None:
+        raise ExportError(f"--out {out}: a folder that is not empty and not an artifact (no {MANIFEST} written by "
+                          "`python -m export`); export replaces only its own artifacts. Pass a new or empty folder.")
+    foreign = [name for name in entries if name != MANIFEST and name not in listed]
+    if foreign:
+        raise ExportError(f"--out {out}: an artifact holding files its manifest does not list "
+                          f"({', '.join(foreign[:5])}); export would delete them. Move them away or pass another "
+                          "folder.")
+    return identity
+
+
+def _artifact_listing(folder: Path) -> set[str] | None:
+    """The file names an artifact folder's manifest lists, or None if the folder holds no manifest of ours. Any
+    format version counts: re-exporting over an older artifact is how it is upgraded."""
+    try:
+        raw = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not (isinstance(raw, dict) and isinstance(raw.get("format_version"), int) and "graph" in raw
+            and isinstance(raw.get("files"), dict)):
+        return None
+    return set(raw["files"])
+
+
+def _temporary_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove temporary folders that an earlier export of ``out`` left behind (killed by SIGKILL, or the machine
+    went down). Only ours: named ``.NAME.tmp-<pid>-...`` by this module, of a process on this machine that is gone."""
+    pattern = re.compile(re.escape(_temporary_prefix(out)) + r"(\d+)-")
+    for path in out.parent.iterdir():
+        match = pattern.match(path.name)
+        if not match or path.is_symlink() or not path.is_dir() or _process_alive(int(match.group(1))):
+            continue
+        log.info("removing %s, left by an interrupted export (process %s)", path, match.group(1))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a container stop, ``kill``) unwinds like Ctrl-C, so the temporary folder is removed on the way
+    out; the exit status is the conventional 128 + 15."""
+    def terminate(signum, frame):
+        log.warning("SIGTERM: stopping the export")
+        raise SystemExit(128 + signal.SIGTERM)
+
+    with _sigterm_handler(terminate):
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """SIGTERM waits until the block is done (a swap must not stop halfway), then is delivered as before."""
+    received = []
+    with _sigterm_handler(lambda signum, frame: received.append(signum)):
+        yield
+    if received:
+        signal.raise_signal(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_handler(handler):
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
+        yield
         return
-    old = out.with_name(f".{out.name}.old-{int(time.time())}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the C library or the file system
+    does not offer it (then nothing happened)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+def _replace(tmp: Path, out: Path, checked: tuple[int, int] | None) -> None:
+    """Move the finished folder into place. An existing artifact is swapped with it in one step, so ``out`` is
+    never missing, then removed from where the new one was, if it is the folder ``_check_out`` approved
+    (``checked``). SIGTERM waits until the swap is complete."""
+    with _sigterm_deferred():
+        if not out.exists():
+            tmp.rename(out)
+            return
+        if _exchange(tmp, out):
+            old = tmp
+        else:  # no renameat2 (not Linux, or an old kernel or file system): a moment without `out`
+            old = out.with_name(f"{_temporary_prefix(out)}{os.getpid()}-old")
+            out.rename(old)
+            tmp.rename(out)
+        if (old.stat().st_dev, old.stat().st_ino) != checked:  # replaced by someone else since it was checked
+            kept = out.with_name(f".{out.name}.replaced-{int(time.time())}")
+            old.rename(kept)
+            log.warning("%s changed while the export replaced it; what was there is kept in %s", out, kept)
+            return
+        shutil.rmtree(old)
 
 
 def _check_disk(where: Path, needed: int) -> None:

@@ -22,7 +22,7 @@ import torch
 from .config import CohereConfig
 from .model import CohereForCausalLM
 from .presets import PRESETS, TINY_SEED
-from .weights import save_checkpoint
+from .weights import CheckpointError, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,30 @@ class ModelNotFoundError(ValueError):
 
 def resolve_checkpoint(model: str) -> Path:
     """A local checkpoint folder for a preset name, a local folder or a hub id."""
+    folder = _resolve(model)
+    check_links(folder)
+    return folder
+
+
+def check_links(folder: Path) -> None:
+    """Refuse a checkpoint whose files are symlinks to somewhere else than the folder itself or, for a hub cache
+    snapshot (``models--owner--name/snapshots/<commit>``), its repo folder, where huggingface_hub keeps the files
+    (``../../blobs/<hash>``). What export reads is copied into a shared artifact: a link out of the checkpoint
+    (to ``~/.ssh``, another model) is refused rather than followed, as git refuses to follow symlinks out of a
+    work tree."""
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        roots.append(folder.parent.parent.resolve())
+    for path in sorted(folder.iterdir()):
+        if not path.is_symlink():
+            continue
+        target = path.resolve()
+        if not any(target.is_relative_to(root) for root in roots):
+            raise CheckpointError(f"{path}: a symlink to {target}, outside the checkpoint folder; copy the file "
+                                  "into the folder instead")
+
+
+def _resolve(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path

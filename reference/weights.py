@@ -18,6 +18,9 @@ from tqdm import tqdm
 from .model import CohereForCausalLM
 
 
+# safetensors dtype codes of the weights this loader converts exactly; an int8 or fp8 tensor is a quantized
+# checkpoint, which casting to float would silently corrupt.
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -32,8 +35,13 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, RecursionError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for shard in set(weight_map.values()):
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside {folder}")
         files = {name: folder / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.exists():
@@ -87,6 +95,11 @@ def load_weights(model: CohereForCausalLM, folder: Path, dtype: torch.dtype) -> 
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         with handle as f:
             for name in tensor_names:
+                stored = f.get_slice(name).get_dtype()
+                if stored not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{path.name}: tensor {name} is stored as {stored}; this loader reads "
+                                          f"{', '.join(FLOAT_DTYPES.values())} weights only (quantized checkpoints "
+                                          "are not supported)")
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != tuple(expected[name]):
                     raise CheckpointError(f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, the config "

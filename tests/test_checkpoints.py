@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -160,10 +161,11 @@ def test_unknown_name_lists_the_presets():
 
 
 def test_hub_id_resolves_offline_from_a_local_hf_cache(tmp_path, monkeypatch, checkpoint):
-    """A cache laid out as huggingface_hub lays it out: models--owner--name/{refs/main, snapshots/<commit>}."""
+    """A cache laid out as huggingface_hub lays it out: models--owner--name/{refs/main, snapshots/<commit>}, the
+    snapshot's files symlinks to ../../blobs/<sha256>."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--CohereForAI--c4ai-command-r-v01"
-    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    _as_hub_snapshot(checkpoint, repo, commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -182,3 +184,65 @@ def test_hub_id_resolves_offline_from_a_local_hf_cache(tmp_path, monkeypatch, ch
     finally:
         monkeypatch.undo()
         importlib.reload(huggingface_hub.constants)
+
+
+def _as_hub_snapshot(checkpoint, repo, commit):
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        blob = hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, repo / "blobs" / blob)
+        (snapshot / path.name).symlink_to(f"../../blobs/{blob}")
+    return snapshot
+
+
+def test_a_snapshot_linking_out_of_its_hub_repo_is_refused(tmp_path, checkpoint):
+    snapshot = _as_hub_snapshot(checkpoint, tmp_path / "hub" / "models--a--b", "c" * 40)
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(snapshot / "model.safetensors", elsewhere)
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match=f"model.safetensors: a symlink to {elsewhere}, outside the checkpoint"):
+        resolve_checkpoint(str(snapshot))
+
+
+def test_shards_outside_the_folder_are_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = save_hf_checkpoint(tmp_path / "one", **CONFIGS["mha-tied"])
+    transformers.CohereForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "sh", max_shard_size="50KB")
+    index = tmp_path / "sh" / "model.safetensors.index.json"
+    raw = json.loads(index.read_text())
+    name = next(iter(raw["weight_map"]))
+    shutil.copyfile(tmp_path / "sh" / raw["weight_map"][name], tmp_path / "outside.safetensors")
+    raw["weight_map"][name] = "../outside.safetensors"
+    index.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="shard '../outside.safetensors' is not a file name inside"):
+        load_model(tmp_path / "sh")
+
+
+def test_quantized_tensors_are_refused_not_cast(checkpoint):
+    _rewrite(checkpoint, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int8)}))
+    with pytest.raises(CheckpointError, match="tensor model.norm.weight is stored as I8"):
+        load_model(checkpoint)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bfloat16_and_float16_checkpoints_load(checkpoint, dtype):
+    _rewrite(checkpoint, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+    stored = load_file(checkpoint / "model.safetensors")
+    model, _ = load_model(checkpoint)
+    assert all(torch.equal(p, stored[name].float()) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("text", ['{"vocab_size": ' + "9" * 5000 + "}", "[" * 100000])
+def test_config_json_cannot_parse_is_named(checkpoint, text):
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load_model(checkpoint)
+
+
+def test_index_json_cannot_parse_is_named(checkpoint):
+    (checkpoint / "model.safetensors.index.json").write_text('{"weight_map": ' + "9" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a safetensors index"):
+        load_model(checkpoint)
