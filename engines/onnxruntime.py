@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec, past_names,
-                   present_names)
+from .base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec,
+                   past_names, present_names)
 
 log = logging.getLogger(__name__)
 

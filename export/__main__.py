@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from engines.cli import configure_logging
 from reference import PRESETS, CheckpointError, ConfigError, ModelNotFoundError
 from reference.presets import DEFAULT_MODEL
 
@@ -45,17 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure_logging(verbose: bool) -> None:
-    """This project's progress at INFO; the libraries it drives (onnxscript's optimiser, torch's exporter)
-    only when they warn."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("reference", "export", "engines", "serve"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, ("reference", "export", "engines", "serve"))
     opts = ExportOptions(model=args.model, out=args.out, dtype=args.dtype, max_batch=args.max_batch,
                          max_context=args.max_context, engine=args.engine, verify=not args.skip_verify)
     try:
