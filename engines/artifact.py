@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .base import GraphSpec
+from .memory import MemoryPlan
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -134,6 +135,7 @@ class Manifest:
     tensorrt: TensorRT
     parity: Parity
     build: Build
+    memory: MemoryPlan  # what the artifact needs where it runs, as export planned and checked it
     tools: dict[str, str]
     files: dict[str, FileEntry]  # every file of the folder but the manifest itself
 

@@ -147,6 +147,15 @@ class MemoryPlan:
                    f"not one row of {self.max_context} tokens; ")
                 + f"--max-context {self.largest_context()} at this --max-batch")
 
+    def on_loaded_device(self, device: str) -> "MemoryPlan | None":
+        """This plan where an engine has just loaded the weights on ``device``: the budget is what the device has
+        free now (less the margin) plus the weights already in it. None when free memory cannot be told."""
+        free = free_memory(device)
+        if free is None:
+            return None
+        return dataclasses.replace(self, device=device, runtime_bytes=RUNTIME_BYTES[device],
+                                   budget_bytes=int(free * BUDGET_FRACTION) + self.weight_bytes)
+
     def table(self) -> str:
         """The plan as lines a user reads in the export log."""
         gib = 2**30

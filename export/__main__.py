@@ -32,24 +32,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float32",
                         help="float16: the GPU artifact (TensorRT, CUDA); float32: fast on ONNX Runtime CPU "
                              "(default: float32)")
-    parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engines accept (default: 8)")
+    parser.add_argument("--max-batch", type=_max_batch, default=8,
+                        help="largest batch the engines accept, or 'auto': the most rows of --max-context tokens "
+                             "that fit the memory budget (default: 8)")
     parser.add_argument("--max-context", type=int, default=2048,
                         help="tokens per sequence, prompt plus generation; sizes the static KV cache "
                              "(default: 2048)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="onnx: ONNX only; tensorrt: also build a TensorRT plan; auto: TensorRT too when it "
                              "can run here (default: auto)")
+    parser.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
+                        help="memory the artifact may use where it runs, e.g. 80GB or 24GiB: GPU memory for "
+                             "TensorRT or ONNX Runtime CUDA, host memory for CPU (default: the device's free memory "
+                             "less 10%%). Export refuses a plan over it before any work and says what fits")
     parser.add_argument("--skip-verify", action="store_true",
                         help="do not measure parity against the reference (recorded in the manifest)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def _bytes(text: str) -> int:
+    """A size such as ``80GB``, ``24GiB`` or ``1500000000``."""
+    number = text.rstrip("KMGTBkmgtibIB ")
+    unit = text[len(number):].strip().upper()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 80GB, 24GiB or a number of bytes"
+                                         ) from None
+    if not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive size")
+    return int(value)
+
+
+def _max_batch(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of rows or 'auto'") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose, ("reference", "export", "engines", "serve"))
     opts = ExportOptions(model=args.model, out=args.out, dtype=args.dtype, max_batch=args.max_batch,
-                         max_context=args.max_context, engine=args.engine, verify=not args.skip_verify)
+                         max_context=args.max_context, engine=args.engine, verify=not args.skip_verify,
+                         memory_budget=args.memory_budget)
     try:
         out = build(opts)
     except (ExportError, ConfigError, CheckpointError, ModelNotFoundError) as e:

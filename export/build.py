@@ -35,7 +35,8 @@ from tqdm import tqdm
 from engines import Artifact, EngineError, open_engine, tensorrt_unusable_reason
 from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph, Manifest, Parity, Source, TensorRT,
                               sha256_file)
-from engines.base import GraphSpec
+from engines.base import LIMITS, GraphSpec
+from engines.memory import MemoryPlan, default_budget
 from reference import CohereConfig, load_checkpoint, resolve_checkpoint
 from reference.weights import checkpoint_files
 
@@ -62,10 +63,11 @@ class ExportOptions:
     model: str
     out: Path | None = None
     dtype: str = "float32"
-    max_batch: int = 8
+    max_batch: int | None = 8  # None: the largest batch that fits the memory budget
     max_context: int = 2048
     engine: str = "auto"
     verify: bool = True
+    memory_budget: int | None = None  # bytes the artifact may use where it runs; None: free memory less a margin
 
 
 def default_out(model: str, dtype: str) -> Path:
@@ -160,8 +162,10 @@ def build(opts: ExportOptions) -> Path:
         raise ExportError(f"--dtype {opts.dtype!r}: choose float16 or float32")
     if opts.engine not in ENGINES:
         raise ExportError(f"--engine {opts.engine!r}: choose one of {', '.join(ENGINES)}")
-    if opts.max_batch < 1:
+    if opts.max_batch is not None and opts.max_batch < 1:
         raise ExportError(f"--max-batch {opts.max_batch}: must be at least 1")
+    if opts.memory_budget is not None and opts.memory_budget < 1:
+        raise ExportError(f"--memory-budget {opts.memory_budget}: must be a positive number of bytes")
     if opts.max_context < 2:
         raise ExportError(f"--max-context {opts.max_context}: must be at least 2")
     out = Path(opts.out or default_out(opts.model, opts.dtype)).absolute()
@@ -183,15 +187,17 @@ def build(opts: ExportOptions) -> Path:
     weight_bytes = sum(p.stat().st_size for p in set(files.values()))
     _check_disk(out.parent, weight_bytes * (1 if opts.dtype == "float16" else 2))
 
+    memory = memory_plan(config, opts)
+    print(memory.table())
     spec = GraphSpec(num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
-                     head_dim=config.head_dim, vocab_size=config.vocab_size, max_batch=opts.max_batch,
+                     head_dim=config.head_dim, vocab_size=config.vocab_size, max_batch=memory.max_batch,
                      max_context=opts.max_context, dtype=opts.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     with _sigterm_interrupts():
         tmp = Path(tempfile.mkdtemp(prefix=f"{_temporary_prefix(out)}{os.getpid()}-", dir=out.parent))
         try:
-            sections = _build_into(tmp, opts, folder, config, spec)
+            sections = _build_into(tmp, opts, folder, config, spec) | {"memory": memory}
             artifact_files = _artifact_files(tmp)
             _write_manifest(tmp, sections, Parity(skipped="verification did not finish"), _build_info(
                 started, weight_bytes), artifact_files)
@@ -207,6 +213,38 @@ def build(opts: ExportOptions) -> Path:
             raise
     log.info("artifact written to %s (%.1f s)", out, time.perf_counter() - started)
     return out
+
+
+def target_device(engine: str) -> str:
+    """Where the artifact will run: TensorRT, and ONNX Runtime where its CUDA provider is installed, run on the
+    GPU; otherwise ONNX Runtime runs on the host."""
+    from engines.onnxruntime import cuda_available
+
+    return "cuda" if engine == "tensorrt" or cuda_available() else "cpu"
+
+
+def memory_plan(config: CohereConfig, opts: ExportOptions) -> MemoryPlan:
+    """The memory plan of this export on the device that will run it, checked before any work: refused (naming
+    what would fit) when it cannot fit the budget; ``max_batch=None`` takes the largest batch that fits."""
+    device = target_device(opts.engine)
+    budget = opts.memory_budget if opts.memory_budget is not None else default_budget(device)
+    plan = MemoryPlan.for_config(config.to_dict(), opts.dtype, opts.max_batch or 1, opts.max_context, device, budget)
+    if opts.max_batch is None:
+        if budget is None:
+            raise ExportError(f"--max-batch auto: the free memory of {device} cannot be told here; pass "
+                              "--memory-budget (e.g. --memory-budget 80GB)")
+        largest = min(plan.largest_batch(), LIMITS["max_batch"])
+        if largest < 1:
+            raise ExportError(f"--max-batch auto: not one row fits: {plan.refusal()}")
+        plan = dataclasses.replace(plan, max_batch=largest)
+        log.info("--max-batch auto: %d rows of %d tokens fit the %s budget", largest, opts.max_context, device)
+    if budget is None:
+        log.warning("the free memory of %s cannot be told here, so the memory plan is not checked; pass "
+                    "--memory-budget to check it", device)
+    refusal = plan.refusal()
+    if refusal:
+        raise ExportError(f"the artifact would not fit where it runs: {refusal} (--memory-budget sets the budget)")
+    return plan
 
 
 def _build_info(started: float, weight_bytes: int) -> Build:

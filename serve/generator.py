@@ -70,6 +70,7 @@ class Generator:
         self.spec = self.artifact.spec
         self.engine = open_engine(self.artifact, backend)
         self.backend = self.engine.backend
+        self._check_memory()
         self.tokenizer = Tokenizer.from_file(str(self.artifact.path("tokenizer.json")))
         tokenizer_config = self._json("tokenizer_config.json")
         # A base checkpoint has no chat template: it still generates text; only chat() needs one.
@@ -90,6 +91,17 @@ class Generator:
         self.pad_token_id = pad if isinstance(pad, int) and 0 <= pad < self.spec.vocab_size else 0
         log.info("loaded %s on %s (max_batch %d, max_context %d)", self.artifact.folder, self.backend,
                  self.spec.max_batch, self.spec.max_context)
+
+    def _check_memory(self) -> None:
+        """The artifact's memory plan, checked again where it runs: its KV cache of max_batch rows (allocated whole by
+        the HTTP scheduler) must fit beside the weights the engine has just loaded."""
+        device = "cpu" if self.backend == "onnxruntime-cpu" else "cuda"
+        plan = self.artifact.manifest.memory.on_loaded_device(device)
+        refusal = plan and plan.refusal()
+        if refusal:
+            self.engine.close()
+            raise ArtifactError(f"{self.artifact.folder} does not fit on {device} now: {refusal}. Re-export with "
+                                "those flags, or free memory")
 
     def _json(self, name: str) -> dict:
         path = self.artifact.path(name)

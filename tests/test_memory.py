@@ -3,11 +3,18 @@ its static caches summed, for the real presets at 8192 tokens on an 80 GB GPU.""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
+from engines import Artifact
 from engines.memory import DTYPE_BYTES, MemoryPlan
 from reference import PRESETS, CohereForCausalLM
+from tests.conftest import REPO
 
 GPU_80GB = 80 * 10**9
 
@@ -74,3 +81,60 @@ def test_refusal_names_what_would_fit():
 def test_unknown_budget_is_not_checked():
     plan = MemoryPlan.for_config(PRESETS["command-r-plus"].config.to_dict(), "float16", 8, 8192, "cuda", None)
     assert plan.fits and plan.refusal() is None and "budget unknown" in plan.table()
+
+
+# ------------------------------------------------------------------------------ export and serve check the plan
+
+
+def run_export(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_an_impossible_plan_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "art"
+    started = time.perf_counter()
+    done = run_export("--model", "tiny", "--out", out, "--max-batch", 4096, "--max-context", 4096,
+                      "--memory-budget", "700MB")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "would not fit where it runs: max_batch 4096 x max_context 4096 needs" in done.stderr
+    match = re.search(r"What fits: --max-batch (\d+) at this --max-context, or --max-context (\d+) at this "
+                      r"--max-batch", done.stderr)
+    assert match, done.stderr
+    assert time.perf_counter() - started < 60  # no model was loaded or traced
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # What it names does fit.
+    fitting = run_export("--model", "tiny", "--out", out, "--max-batch", match.group(1), "--max-context", 4096,
+                         "--memory-budget", "700MB", "--skip-verify", "--engine", "onnx")
+    assert fitting.returncode == 0, fitting.stderr
+
+
+def test_max_batch_auto_takes_the_largest_batch_that_fits(tmp_path):
+    done = run_export("--model", "tiny", "--out", tmp_path / "art", "--max-batch", "auto", "--max-context", 4096,
+                      "--memory-budget", "700MB", "--skip-verify", "--engine", "onnx")
+    assert done.returncode == 0, done.stderr
+    manifest = Artifact.open(tmp_path / "art").manifest
+    plan = MemoryPlan.for_config(PRESETS["tiny"].config.to_dict(), "float32", 1, 4096, "cpu", 700 * 10**6)
+    assert manifest.graph.spec.max_batch == manifest.memory.max_batch == plan.largest_batch() > 1
+    assert manifest.memory.fits and manifest.memory.budget_bytes == 700 * 10**6
+    assert "memory plan on cpu (float32), budget 0.65 GiB" in done.stdout
+
+
+def test_max_batch_auto_needs_a_known_budget(tmp_path, monkeypatch):
+    from export.build import ExportError, ExportOptions, memory_plan
+
+    monkeypatch.setattr("export.build.default_budget", lambda device: None)  # a device whose free memory is unknown
+    with pytest.raises(ExportError, match="--max-batch auto: the free memory of cpu cannot be told here; pass "
+                                          "--memory-budget"):
+        memory_plan(PRESETS["tiny"].config, ExportOptions(model="tiny", max_batch=None))
+
+
+def test_serve_checks_the_plan_where_it_runs(tiny_artifact, monkeypatch):
+    """A machine with less free memory than the artifact's KV cache needs is told so on load, with what fits."""
+    from engines import ArtifactError
+    from serve import Generator
+
+    Generator(tiny_artifact)  # fits here
+    monkeypatch.setattr("engines.memory.free_memory", lambda device: 1 << 20)  # 1 MiB free
+    with pytest.raises(ArtifactError, match="does not fit on cpu now: .*Re-export with those flags"):
+        Generator(tiny_artifact)
