@@ -401,6 +401,36 @@ def test_stopping_the_scheduler_ends_waiting_and_running_requests(gen):
     assert not scheduler.running
 
 
+def test_a_failed_prefix_copy_fails_its_request_and_the_scheduler_keeps_serving(tiny_artifact):
+    generator = Generator(tiny_artifact)
+    prompt = list(range(7, 7 + 70))  # one full block
+    generator.generate(prompt, max_new_tokens=1)  # cached now
+    engine = SlowEngine(generator.engine, 0)
+
+    def broken(*args):
+        raise RuntimeError("device copy failed")
+
+    engine.load_slots = broken
+    generator.engine = engine
+    scheduler = Scheduler(generator)
+    scheduler.start()
+
+    async def last_event(ids: list[int]):
+        ticket = scheduler.submit(generator.new_sequence(ids, generator.sampling(max_new_tokens=3)))
+        event = ("text", None)
+        while event[0] == "text":
+            event = await asyncio.wait_for(ticket.events.get(), 10)
+        return event
+
+    try:
+        assert asyncio.run(last_event(prompt)) == ("error", "the engine failed: device copy failed")
+        kind, result = asyncio.run(last_event(prompt[:60]))  # no cached block to copy
+        assert kind == "done" and result.completion_tokens == 3
+        assert scheduler.active == 0
+    finally:
+        scheduler.stop()
+
+
 # ---------------------------------------------------------------------------------------------- refused input
 
 
