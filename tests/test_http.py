@@ -311,17 +311,24 @@ def test_concurrent_requests_sharing_a_prefix_reuse_its_cache_and_get_what_they_
                for cut in (BLOCK_TOKENS - 1, BLOCK_TOKENS + 20, 2 * BLOCK_TOKENS, 2 * BLOCK_TOKENS + 10)]
     prompts += [fresh + [i] for i in range(4)]
 
-    async def one(client: openai.AsyncOpenAI, prompt: list[int]) -> str:
-        reply = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=10)
+    # Sampled and penalised: the tokens then depend on every logit (the random tiny model's greedy choice often
+    # does not depend on its context at all).
+    sampling = [dict(repetition_penalty=3.0, **(dict(temperature=1.0, seed=i) if i % 2 else {}))
+                for i in range(len(prompts))]
+
+    async def one(client: openai.AsyncOpenAI, prompt: list[int], params: dict) -> str:
+        reply = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=10, extra_body={"repetition_penalty": params["repetition_penalty"]},
+            **{k: v for k, v in params.items() if k != "repetition_penalty"})
         return reply.choices[0].text
 
     async def all_at_once():
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
                                       timeout=60) as client:
-            return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), 60)
+            return await asyncio.wait_for(asyncio.gather(*(one(client, p, s) for p, s in zip(prompts, sampling))), 60)
 
     served = asyncio.run(all_at_once())
-    assert served == [gen.generate(p, max_new_tokens=10).text for p in prompts]
+    assert served == [gen.generate(p, max_new_tokens=10, **s).text for p, s in zip(prompts, sampling)]
     # Blocks of the seen stem reused: 0 (it diverges in block 0), 1, 2 and 2 (its last token must still run).
     assert metric(server, "cohere_deploy_prefix_cache_hit_tokens") - hit_tokens >= 5 * BLOCK_TOKENS
     assert 0 < metric(server, "cohere_deploy_prefix_cache_hit_rate") <= 1

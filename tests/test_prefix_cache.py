@@ -29,6 +29,41 @@ def random_prompt(length: int, seed: int, vocab_size: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(7, vocab_size, length)]
 
 
+class RecordingEngine:
+    """The generator's engine, with the logits of every step kept: the random tiny model often repeats one token
+    whatever its context, so equal tokens alone would not show a wrong cache."""
+
+    def __init__(self, engine):
+        self.engine, self.spec, self.backend, self.logits = engine, engine.spec, engine.backend, []
+        self.allocate, self.save_slots, self.load_slots = engine.allocate, engine.save_slots, engine.load_slots
+
+    def step(self, *args):
+        logits = self.engine.step(*args)
+        self.logits.append(logits.copy())
+        return logits
+
+
+def run(generator: Generator, prompt: list[int], **sampling):
+    """The result, and the logits of its sampled steps."""
+    recording = RecordingEngine(generator.engine)
+    generator.engine = recording
+    try:
+        result = generator.generate(prompt, max_new_tokens=NEW_TOKENS, **sampling)
+    finally:
+        generator.engine = recording.engine
+    return result, np.concatenate(recording.logits[-len(result.token_ids):])
+
+
+def assert_exact(cached: Generator, plain: Generator, prompt: list[int], reused: int, **sampling):
+    """Tokens identical with and without the cache, and logits equal to float32 rounding."""
+    result, logits = run(cached, prompt, **sampling)
+    expected, expected_logits = run(plain, prompt, **sampling)
+    assert result.cached_tokens == reused
+    assert result.token_ids == expected.token_ids
+    np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-5)
+    return result
+
+
 def engines(tiny_artifact):
     from export.reference_engine import ReferenceEngine
 
@@ -64,11 +99,8 @@ def test_slot_ranges_outside_the_state_are_refused(plain, row, start, count, mes
 
 def test_greedy_output_is_identical_with_and_without_the_cache(plain, cached):
     prompt = random_prompt(2 * BLOCK_TOKENS + 22, 3, plain.spec.vocab_size)
-    expected = plain.generate(prompt, max_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
-    first = cached.generate(prompt, max_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
-    again = cached.generate(prompt, max_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
-    assert (first.cached_tokens, again.cached_tokens) == (0, 2 * BLOCK_TOKENS)
-    assert first.token_ids == again.token_ids == expected.token_ids
+    assert_exact(cached, plain, prompt, 0, repetition_penalty=1.3)
+    assert_exact(cached, plain, prompt, 2 * BLOCK_TOKENS, repetition_penalty=1.3)
     stats = cached.prefix_cache.stats()
     assert (stats.hit_tokens, stats.queried_tokens, stats.entries) == (2 * BLOCK_TOKENS, 2 * len(prompt), 2)
     assert stats.bytes == 2 * BLOCK_TOKENS * plain.spec.bytes_per_slot
@@ -79,10 +111,11 @@ def test_a_prompt_that_diverges_mid_block_reuses_only_the_blocks_before(plain, c
     cached.generate(seen, max_new_tokens=1)
     diverged = seen[:BLOCK_TOKENS + 30] + random_prompt(60, 5, plain.spec.vocab_size)  # differs inside block 2
     shorter = seen[:2 * BLOCK_TOKENS]  # whole blocks, all cached: its last token still runs
-    for prompt, reused in ((diverged, BLOCK_TOKENS), (shorter, BLOCK_TOKENS), (seen, 2 * BLOCK_TOKENS)):
-        result = cached.generate(prompt, max_new_tokens=NEW_TOKENS)
-        assert result.cached_tokens == reused
-        assert result.token_ids == plain.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids
+    # Block 1 of `seen` twice: its second copy's tokens are cached, but at other positions, after another prefix.
+    repeated = seen[:BLOCK_TOKENS] * 2 + seen[:5]
+    for prompt, reused in ((diverged, BLOCK_TOKENS), (shorter, BLOCK_TOKENS), (seen, 2 * BLOCK_TOKENS),
+                           (repeated, BLOCK_TOKENS)):
+        assert_exact(cached, plain, prompt, reused)
 
 
 def test_a_batch_and_a_stream_reuse_the_cache_and_stay_exact(plain, cached):
@@ -100,19 +133,14 @@ def test_lru_eviction_under_a_two_block_limit_keeps_outputs_exact(tiny_artifact,
     two_blocks = 2 * BLOCK_TOKENS * plain.spec.bytes_per_slot
     cached = Generator(tiny_artifact, prefix_cache_mb=two_blocks / 2 ** 20)
     a, b, c = (random_prompt(BLOCK_TOKENS + 5, seed, plain.spec.vocab_size) for seed in (20, 21, 22))
-    reused = []
-    for prompt in (a, b, a, c, a, b):  # c evicts b, the least recently used (a was used after it)
-        result = cached.generate(prompt, max_new_tokens=NEW_TOKENS)
-        assert result.token_ids == plain.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids
-        reused.append(result.cached_tokens)
+    # c evicts b, the least recently used (a was used after it), then b evicts c.
+    for prompt, reused in ((a, 0), (b, 0), (a, BLOCK_TOKENS), (c, 0), (a, BLOCK_TOKENS), (b, 0)):
+        assert_exact(cached, plain, prompt, reused)
         assert cached.prefix_cache.stats().bytes <= two_blocks
-    assert reused == [0, 0, BLOCK_TOKENS, 0, BLOCK_TOKENS, 0]
     assert cached.prefix_cache.stats().evictions == 2  # b by c, then c by b
     long = random_prompt(3 * BLOCK_TOKENS + 10, 23, plain.spec.vocab_size)  # more blocks than fit: its first two stay
     cached.generate(long, max_new_tokens=1)
-    result = cached.generate(long, max_new_tokens=NEW_TOKENS)
-    assert result.cached_tokens == 2 * BLOCK_TOKENS
-    assert result.token_ids == plain.generate(long, max_new_tokens=NEW_TOKENS).token_ids
+    assert_exact(cached, plain, long, 2 * BLOCK_TOKENS)
 
 
 def test_prefix_cache_size_option(tiny_artifact):
