@@ -15,6 +15,13 @@ reads, ``L >= max(write_indices) + seq``. ONNX Runtime passes the filled prefix,
 costs; TensorRT passes all ``max_context`` slots, so the decode step has one shape and replays a CUDA graph.
 Rows are independent: each row's logits equal running that row alone. Every row needs
 ``write_indices[b] + seq <= max_context``.
+
+Prefix caching (serve/prefix_cache.py) moves ranges of cache slots, on the engine's device, without knowing tokens:
+
+    block = engine.save_slots(state, row, start, count)   # a copy of slots [start, start+count) of every layer
+    engine.load_slots(state, row, start, block)           # written back, into any row of any state, at ``start``
+
+A block holds ``spec.bytes_per_slot * count`` bytes of the engine's device memory.
 """
 
 from __future__ import annotations
@@ -66,6 +73,11 @@ class GraphSpec:
     @property
     def cache_shape_per_row(self) -> tuple[int, int, int]:
         return self.num_kv_heads, self.max_context, self.head_dim
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """The keys and values of one token position in every layer."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     def io(self) -> dict:
         """Names, shapes (symbolic dims as strings) and dtypes of every input and output, for the manifest."""
@@ -120,6 +132,29 @@ class Engine(abc.ABC):
               logits_indices: np.ndarray) -> np.ndarray:
         """``step`` after its checks: contiguous int64 arrays of consistent shapes, inside the artifact's bounds."""
 
+    def save_slots(self, state, row: int, start: int, count: int):
+        """A copy, on the engine's device, of cache slots ``[start, start + count)`` of ``row`` in every layer's
+        key and value cache: an opaque block for ``load_slots``, holding ``spec.bytes_per_slot * count`` bytes."""
+        self._check_slots(state.batch, row, start, count)
+        return self._save_slots(state, row, start, count)
+
+    def load_slots(self, state, row: int, start: int, block) -> None:
+        """Write a block from ``save_slots`` (of this engine) into slots ``[start, start + its count)`` of ``row``."""
+        self._check_slots(state.batch, row, start, self._block_count(block))
+        self._load_slots(state, row, start, block)
+
+    @abc.abstractmethod
+    def _save_slots(self, state, row: int, start: int, count: int):
+        """``save_slots`` after its checks."""
+
+    @abc.abstractmethod
+    def _load_slots(self, state, row: int, start: int, block) -> None:
+        """``load_slots`` after its checks."""
+
+    @abc.abstractmethod
+    def _block_count(self, block) -> int:
+        """How many slots a block from ``save_slots`` holds."""
+
     @abc.abstractmethod
     def read_cache(self, state) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copies of every layer's (key, value) cache, for parity checks."""
@@ -132,6 +167,13 @@ class Engine(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _check_slots(self, state_batch: int, row: int, start: int, count: int) -> None:
+        if not 0 <= row < state_batch:
+            raise ValueError(f"row {row} outside [0, {state_batch}) (the state's batch)")
+        if start < 0 or count < 1 or start + count > self.spec.max_context:
+            raise ValueError(f"slots [{start}, {start + count}) are not a non-empty range inside the artifact's "
+                             f"max_context {self.spec.max_context}")
 
     def _check_step(self, state_batch: int, input_ids: np.ndarray, write_indices: np.ndarray,
                     logits_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

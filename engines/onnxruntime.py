@@ -4,6 +4,11 @@ The KV caches are OrtValues allocated once per ``allocate`` and bound through IO
 input and the ``present_*`` output of every step. ONNX Runtime's TensorScatter kernel sees the same buffer on
 both sides and skips its copy of the whole cache, so a decode step writes one slot per layer instead of copying
 ``max_context`` slots.
+
+Prefix caching copies ranges of cache slots with two small graphs of its own, run through IO binding on the
+caches' own buffers (on CUDA the Python API has no device copy of part of an OrtValue): ``Slice`` copies slots
+out into new OrtValues on the device, and ``TensorScatter``, with the cache bound as its input and output as in a
+step, writes them back in place.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from .base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, Engine, EngineError, GraphSpec,
                    past_names, present_names)
@@ -22,6 +29,8 @@ from .base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, E
 log = logging.getLogger(__name__)
 
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
+ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
+SLOT_COPY_OPSET = 24  # TensorScatter, as the decoder graph
 
 
 def cuda_available() -> bool:
@@ -75,6 +84,8 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(f"{onnx_path}: ONNX Runtime cannot load it: {e}") from None
         self._np_dtype = NUMPY_DTYPES[spec.dtype]
         self._check_session_io(onnx_path)
+        self._session_options, self._providers = options, providers
+        self._slot_sessions: dict[str, ort.InferenceSession] = {}  # "save", "load": built on first use
 
     def _check_session_io(self, onnx_path: Path) -> None:
         """The graph's inputs and outputs must be the spec's: names, dtypes and static dims. A graph that disagrees
@@ -132,6 +143,71 @@ class OnnxRuntimeEngine(Engine):
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
+    def _slot_session(self, kind: str) -> ort.InferenceSession:
+        """The graph that copies slots of one row of every cache (``cache_{i}``: layer i // 2, key or value) out to
+        ``block_{i}`` ("save": Slice on the slot axis) or back in at ``write_index`` ("load": TensorScatter)."""
+        if self.session is None:
+            raise EngineError("this ONNX Runtime engine is closed; open the artifact again")
+        if kind in self._slot_sessions:
+            return self._slot_sessions[kind]
+        heads, context, head_dim = self.spec.cache_shape_per_row
+        dtype = ONNX_DTYPES[self.spec.dtype]
+        caches = range(2 * self.spec.num_layers)
+        cache_inputs = [helper.make_tensor_value_info(f"cache_{i}", dtype, [1, heads, context, head_dim])
+                        for i in caches]
+        blocks = [helper.make_tensor_value_info(f"block_{i}", dtype, [1, heads, "count", head_dim]) for i in caches]
+        if kind == "save":
+            bounds = [helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in ("start", "end")]
+            axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
+            nodes = [helper.make_node("Slice", [f"cache_{i}", "start", "end", "axes"], [f"block_{i}"]) for i in caches]
+            graph = helper.make_graph(nodes, "save_slots", cache_inputs + bounds, blocks, initializer=[axes])
+        else:
+            index = helper.make_tensor_value_info("write_index", TensorProto.INT64, [1])
+            outputs = [helper.make_tensor_value_info(f"present_{i}", dtype, [1, heads, context, head_dim])
+                       for i in caches]
+            nodes = [helper.make_node("TensorScatter", [f"cache_{i}", f"block_{i}", "write_index"],
+                                      [f"present_{i}"], axis=2) for i in caches]
+            graph = helper.make_graph(nodes, "load_slots", cache_inputs + blocks + [index], outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SLOT_COPY_OPSET)])
+        onnx.checker.check_model(model)
+        session = ort.InferenceSession(model.SerializeToString(), self._session_options, providers=self._providers)
+        self._slot_sessions[kind] = session
+        return session
+
+    def _bind_row(self, binding, state: OrtCacheState, row: int, outputs: bool) -> None:
+        """Bind row ``row`` of every cache (a contiguous range of its buffer) as ``cache_{i}`` (and ``present_{i}``:
+        in place)."""
+        shape = (1, *self.spec.cache_shape_per_row)
+        row_bytes = int(np.prod(shape)) * np.dtype(self._np_dtype).itemsize
+        for i, value in enumerate(value for pair in state.caches for value in pair):
+            address = value.data_ptr() + row * row_bytes
+            binding.bind_input(f"cache_{i}", self.device, 0, self._np_dtype, shape, address)
+            if outputs:
+                binding.bind_output(f"present_{i}", self.device, 0, self._np_dtype, shape, address)
+
+    def _save_slots(self, state: OrtCacheState, row: int, start: int, count: int) -> list[ort.OrtValue]:
+        session = self._slot_session("save")
+        binding = session.io_binding()
+        self._bind_row(binding, state, row, outputs=False)
+        binding.bind_cpu_input("start", np.array([start], dtype=np.int64))
+        binding.bind_cpu_input("end", np.array([start + count], dtype=np.int64))
+        for i in range(2 * self.spec.num_layers):
+            binding.bind_output(f"block_{i}", self.device)  # allocated by ONNX Runtime on the device
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _load_slots(self, state: OrtCacheState, row: int, start: int, block: list[ort.OrtValue]) -> None:
+        session = self._slot_session("load")
+        binding = session.io_binding()
+        self._bind_row(binding, state, row, outputs=True)
+        binding.bind_cpu_input("write_index", np.array([start], dtype=np.int64))
+        for i, value in enumerate(block):
+            binding.bind_ortvalue_input(f"block_{i}", value)
+        session.run_with_iobinding(binding)
+
+    def _block_count(self, block: list[ort.OrtValue]) -> int:
+        return block[0].shape()[2]
+
     def read_cache(self, state: OrtCacheState) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(k.numpy().copy(), v.numpy().copy()) for k, v in state.caches]
 
@@ -139,3 +215,4 @@ class OnnxRuntimeEngine(Engine):
         """Drop the session: ONNX Runtime frees it, with its memory arena (on CUDA, GPU memory), when the last
         reference goes. The caches of states already allocated belong to those states."""
         self.session = None
+        self._slot_sessions = {}

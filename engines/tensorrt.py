@@ -312,6 +312,25 @@ class TensorRTEngine(Engine):
             logits = state.logits[:rows].cpu()  # waits for the stream
         return logits.numpy()
 
+    def _save_slots(self, state: TensorRTState, row: int, start: int, count: int) -> torch.Tensor:
+        """``[layers * 2, kv_heads, count, head_dim]`` on the GPU: every layer's key then value slots, copied on
+        the engine's stream (ordered after the steps that wrote them)."""
+        self._check_open()
+        with torch.cuda.stream(self._stream):
+            return torch.stack([cache[row, :, start:start + count] for pair in state.caches for cache in pair])
+
+    def _load_slots(self, state: TensorRTState, row: int, start: int, block: torch.Tensor) -> None:
+        """In place, on the engine's stream: the caches keep their addresses, so bindings and CUDA graphs stay
+        valid."""
+        self._check_open()
+        count = block.shape[2]
+        with torch.cuda.stream(self._stream):
+            for cache, slots in zip((cache for pair in state.caches for cache in pair), block):
+                cache[row, :, start:start + count].copy_(slots)
+
+    def _block_count(self, block: torch.Tensor) -> int:
+        return block.shape[2]
+
     def read_cache(self, state: TensorRTState) -> list[tuple[np.ndarray, np.ndarray]]:
         self._check_open()
         self._stream.synchronize()

@@ -57,6 +57,18 @@ class ReferenceEngine(Engine):
                                    torch.from_numpy(logits_indices), caches)
         return logits.numpy()
 
+    def _save_slots(self, state: ReferenceState, row: int, start: int, count: int) -> torch.Tensor:
+        """``[layers * 2, kv_heads, count, head_dim]``: every layer's key then value slots."""
+        return torch.stack([cache[row, :, start:start + count] for pair in state.caches for cache in pair])
+
+    def _load_slots(self, state: ReferenceState, row: int, start: int, block: torch.Tensor) -> None:
+        count = block.shape[2]
+        for cache, slots in zip((cache for pair in state.caches for cache in pair), block):
+            cache[row, :, start:start + count].copy_(slots)
+
+    def _block_count(self, block: torch.Tensor) -> int:
+        return block.shape[2]
+
     def read_cache(self, state: ReferenceState) -> list[tuple[np.ndarray, np.ndarray]]:
         """float32 copies (numpy has no bfloat16)."""
         return [(k.to(torch.float32, copy=True).numpy(), v.to(torch.float32, copy=True).numpy())

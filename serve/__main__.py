@@ -14,7 +14,7 @@ import sys
 from engines import BACKENDS, ArtifactError, EngineError
 from engines.cli import configure_logging
 
-from .generator import Generator
+from .generator import DEFAULT_PREFIX_CACHE_MB, Generator
 from .sampling import SamplingParams
 
 # Where --api-key is read from when not given: the environment keeps a secret out of the process list.
@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="encode chat content as plain text even where it spells a special token such as "
                              "<|START_OF_TURN_TOKEN|> (as OpenAI does); by default such text becomes the control "
                              "token, as in transformers, vLLM and TGI")
+    parser.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                        help="memory, on the engine's device, for the KV of prompt prefixes seen before, reused "
+                             f"instead of prefilled again (as vLLM's automatic prefix caching); 0 turns it off "
+                             f"(default: {DEFAULT_PREFIX_CACHE_MB})")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="engine: auto picks TensorRT when the artifact has a plan this machine can run, "
                              "else ONNX Runtime on CUDA, else on CPU (default: auto)")
@@ -87,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give a PROMPT to complete, or --chat for a conversation (not both)")
     if args.prompt == "":
         parser.error("PROMPT is empty")
+    if not args.prefix_cache_mb >= 0:  # also refuses nan
+        parser.error(f"--prefix-cache-mb {args.prefix_cache_mb}: must be >= 0 (0 turns the prefix cache off)")
     try:  # the flags alone, before the (possibly long) checksum of a large artifact
         SamplingParams(**_given(args)).validate()
     except ValueError as e:
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, ("engines", "serve"), level=logging.WARNING)
     sampling = _given(args)
     try:
-        generator = Generator(args.artifact, backend=args.backend, split_special_tokens=args.split_special_tokens)
+        generator = Generator(args.artifact, backend=args.backend, split_special_tokens=args.split_special_tokens,
+                              prefix_cache_mb=args.prefix_cache_mb)
         if args.port is not None:
             from .server import serve  # here: the one-shot CLI need not load the web stack
 

@@ -21,6 +21,7 @@ from engines import Engine
 
 from .detokenize import StreamingDetokenizer
 from .parsing import GroundedAnswer, ToolCalls
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample_token
 
 
@@ -30,6 +31,7 @@ class GenerationResult:
     token_ids: list[int]  # every generated token, the stop token or the tokens of a stop string included
     finish_reason: str  # "stop": a stop token or stop string; "length": max_new_tokens or max_context reached
     prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache instead of a prefill
     time_to_first_token_s: float  # from the request's start (tokenization included) to its first token
     decode_tokens_per_s: float | None  # tokens after the first, per second; None with fewer than two tokens
     tool_calls: ToolCalls | None = None  # chat() with tools
@@ -56,6 +58,7 @@ class Sequence:
         self.token_ids: list[int] = []
         self.pending = list(prompt_ids)
         self.position = 0
+        self.cached_tokens = 0  # prompt tokens loaded from the prefix cache
         # The prompt plus generation must fit the static cache: that, not max_new_tokens, may end it first.
         self.max_new_tokens = min(params.max_new_tokens, max_context - len(prompt_ids))
         self.finish_reason: str | None = None
@@ -116,7 +119,7 @@ class Sequence:
         decode_s = (self.last_token_at or 0) - (self.first_token_at or 0)
         rate = (len(self.token_ids) - 1) / decode_s if len(self.token_ids) > 1 and decode_s > 0 else None
         return GenerationResult(text=self._text, token_ids=list(self.token_ids), finish_reason=self.finish_reason,
-                                prompt_tokens=len(self.prompt_ids),
+                                prompt_tokens=len(self.prompt_ids), cached_tokens=self.cached_tokens,
                                 time_to_first_token_s=(self.first_token_at or self.started) - self.started,
                                 decode_tokens_per_s=rate)
 
@@ -159,10 +162,15 @@ class Batch:
     prefill overwrites it from slot 0. Tokens right-padded
     past a row's real ones land in slots after its position, which attention masks until real tokens overwrite
     them, so each row computes exactly what it would alone.
+
+    With a ``prefix_cache``, ``add`` copies the longest cached prefix of the prompt into the row (the sequence then
+    prefills only the rest), and a step that completes a prompt's prefill stores its full blocks.
     """
 
-    def __init__(self, engine: Engine, rows: int, pad_token_id: int, max_step_tokens: int | None = None):
+    def __init__(self, engine: Engine, rows: int, pad_token_id: int, max_step_tokens: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.engine = engine
+        self.prefix_cache = prefix_cache
         self.state = engine.allocate(rows)
         self.rows: list[Sequence | None] = [None] * rows
         self.pad_token_id = pad_token_id
@@ -183,6 +191,9 @@ class Batch:
         if seq.position != 0:
             raise ValueError("a sequence enters a batch before its prompt is in any cache")
         row = self.rows.index(None)
+        if self.prefix_cache is not None:
+            seq.cached_tokens = self.prefix_cache.load(self.engine, self.state, row, seq.prompt_ids)
+            seq.consumed(seq.cached_tokens)
         self.rows[row] = seq
         return row
 
@@ -220,6 +231,8 @@ class Batch:
             seq.consumed(fed[row])
             if seq.pending:  # a prompt longer than this step's width: no next token yet
                 continue
+            if self.prefix_cache is not None and not seq.token_ids:  # its prompt is all in the cache now
+                self.prefix_cache.store(self.engine, self.state, row, seq.prompt_ids)
             seq.accept_logits(logits[row])
             sampled.append(seq)
             if seq.finished:

@@ -29,6 +29,19 @@ class Metrics:
         cancelled = Gauge("cohere_deploy_cancelled_requests", "Requests cancelled because their client went away "
                           "(since start)", registry=r)
         cancelled.set_function(lambda: scheduler.cancelled_total)
+        cache = scheduler.generator.prefix_cache
+        if cache is not None:  # vLLM's prefix cache metrics: queried and hit prompt tokens
+            for name, what, read in (
+                    ("queried_tokens", "Prompt tokens looked up in the prefix cache (since start)",
+                     lambda: cache.stats().queried_tokens),
+                    ("hit_tokens", "Prompt tokens whose KV came from the prefix cache instead of a prefill "
+                     "(since start)", lambda: cache.stats().hit_tokens),
+                    ("hit_rate", "hit_tokens / queried_tokens", lambda: cache.stats().hit_rate),
+                    ("entries", "Blocks in the prefix cache", lambda: cache.stats().entries),
+                    ("bytes", "Device memory the prefix cache's blocks hold", lambda: cache.stats().bytes),
+                    ("evictions", "Blocks evicted from the prefix cache, least recently used first (since start)",
+                     lambda: cache.stats().evictions)):
+                Gauge(f"cohere_deploy_prefix_cache_{name}", what, registry=r).set_function(read)
 
 
 def route_label(scope: dict) -> str:

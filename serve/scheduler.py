@@ -71,7 +71,7 @@ class Scheduler:
         self.generator = generator
         self.max_waiting = max_waiting
         self.batch = Batch(generator.engine, generator.spec.max_batch, generator.pad_token_id,
-                           max_step_tokens=PREFILL_CHUNK)
+                           max_step_tokens=PREFILL_CHUNK, prefix_cache=generator.prefix_cache)
         self._inbox: queue.Queue[Ticket | None] = queue.Queue()  # None wakes the thread to stop
         self._waiting: collections.deque[Ticket] = collections.deque()  # owned by the thread
         self._running: dict[int, Ticket] = {}  # row -> ticket, owned by the thread
@@ -166,7 +166,13 @@ class Scheduler:
     def _admit(self) -> None:
         while self._waiting and self.batch.free_rows:
             ticket = self._waiting.popleft()
-            self._running[self.batch.add(ticket.seq)] = ticket
+            try:
+                row = self.batch.add(ticket.seq)  # copies its cached prefix in: an engine call
+            except Exception as e:  # fails this request, not the server (as a failed step)
+                log.exception("loading a cached prefix failed")
+                ticket._send("error", f"the engine failed: {e}")
+                continue
+            self._running[row] = ticket
 
     def _step(self) -> None:
         try:

@@ -313,6 +313,11 @@ class ScriptedEngine(Engine):
     def read_cache(self, state):
         raise NotImplementedError("a scripted engine has no cache")
 
+    def _save_slots(self, state, row, start, count):
+        raise NotImplementedError("a scripted engine has no cache")
+
+    _load_slots = _block_count = _save_slots
+
 
 class _ScriptState:
     def __init__(self, batch: int):

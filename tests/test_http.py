@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -49,6 +50,7 @@ class SlowEngine:
 
     def __init__(self, engine, pause_s: float):
         self.engine, self.pause_s, self.spec, self.backend = engine, pause_s, engine.spec, engine.backend
+        self.save_slots, self.load_slots = engine.save_slots, engine.load_slots  # the prefix cache's copies
 
     def allocate(self, batch: int):
         return self.engine.allocate(batch)
@@ -67,8 +69,9 @@ def with_stand_in_templates(generator: Generator) -> Generator:
 
 @pytest.fixture(scope="module")
 def gen(tiny_artifact) -> Generator:
-    """Runs each prompt alone: the reference the server's batched output must equal."""
-    return with_stand_in_templates(Generator(tiny_artifact))
+    """Runs each prompt alone, without the prefix cache: the reference the server's batched output (with its
+    prefix cache, on by default) must equal."""
+    return with_stand_in_templates(Generator(tiny_artifact, prefix_cache_mb=0))
 
 
 class Server:
@@ -291,6 +294,46 @@ def test_32_concurrent_streams_get_the_tokens_they_get_alone(server, gen):
     assert metric(server, "cohere_deploy_active_requests") == 0 and metric(server, "cohere_deploy_queue_depth") == 0
 
 
+def test_concurrent_requests_sharing_a_prefix_reuse_its_cache_and_get_what_they_get_alone(server, gen):
+    """The prefix cache is on by default in the service; requests diverging from a seen prompt mid-block, and
+    requests sharing a new prefix all at once, get exactly the tokens of an uncached prefill."""
+    from serve.prefix_cache import BLOCK_TOKENS
+
+    rng = random.Random(0)
+    stem = [rng.randrange(7, gen.spec.vocab_size) for _ in range(2 * BLOCK_TOKENS + 10)]
+    hit_tokens = metric(server, "cohere_deploy_prefix_cache_hit_tokens")
+    entries = metric(server, "cohere_deploy_prefix_cache_entries")
+    seen = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": stem, "max_tokens": 1},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert seen.status_code == 200 and metric(server, "cohere_deploy_prefix_cache_entries") == entries + 2
+    fresh = [rng.randrange(7, gen.spec.vocab_size) for _ in range(BLOCK_TOKENS + 3)]  # not seen: shared at once
+    prompts = [stem[:cut] + [rng.randrange(7, gen.spec.vocab_size) for _ in range(5)]
+               for cut in (BLOCK_TOKENS - 1, BLOCK_TOKENS + 20, 2 * BLOCK_TOKENS, 2 * BLOCK_TOKENS + 10)]
+    prompts += [fresh + [i] for i in range(4)]
+
+    # Sampled and penalised: the tokens then depend on every logit (the random tiny model's greedy choice often
+    # does not depend on its context at all).
+    sampling = [dict(repetition_penalty=3.0, **(dict(temperature=1.0, seed=i) if i % 2 else {}))
+                for i in range(len(prompts))]
+
+    async def one(client: openai.AsyncOpenAI, prompt: list[int], params: dict) -> str:
+        reply = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=10, extra_body={"repetition_penalty": params["repetition_penalty"]},
+            **{k: v for k, v in params.items() if k != "repetition_penalty"})
+        return reply.choices[0].text
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=60) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, p, s) for p, s in zip(prompts, sampling))), 60)
+
+    served = asyncio.run(all_at_once())
+    assert served == [gen.generate(p, max_new_tokens=10, **s).text for p, s in zip(prompts, sampling)]
+    # Blocks of the seen stem reused: 0 (it diverges in block 0), 1, 2 and 2 (its last token must still run).
+    assert metric(server, "cohere_deploy_prefix_cache_hit_tokens") - hit_tokens >= 5 * BLOCK_TOKENS
+    assert 0 < metric(server, "cohere_deploy_prefix_cache_hit_rate") <= 1
+
+
 def test_a_long_generation_does_not_hold_up_a_short_one(slow_server):
     reader, arrivals, started = stream_arrivals(slow_server.url, {"model": MODEL, "prompt": "Once", "max_tokens": 240,
                                                                   "stream": True})
@@ -363,6 +406,36 @@ def test_stopping_the_scheduler_ends_waiting_and_running_requests(gen):
 
     assert {kind for kind, _ in asyncio.run(submit_then_stop())} == {"stopped"}
     assert not scheduler.running
+
+
+def test_a_failed_prefix_copy_fails_its_request_and_the_scheduler_keeps_serving(tiny_artifact):
+    generator = Generator(tiny_artifact)
+    prompt = list(range(7, 7 + 70))  # one full block
+    generator.generate(prompt, max_new_tokens=1)  # cached now
+    engine = SlowEngine(generator.engine, 0)
+
+    def broken(*args):
+        raise RuntimeError("device copy failed")
+
+    engine.load_slots = broken
+    generator.engine = engine
+    scheduler = Scheduler(generator)
+    scheduler.start()
+
+    async def last_event(ids: list[int]):
+        ticket = scheduler.submit(generator.new_sequence(ids, generator.sampling(max_new_tokens=3)))
+        event = ("text", None)
+        while event[0] == "text":
+            event = await asyncio.wait_for(ticket.events.get(), 10)
+        return event
+
+    try:
+        assert asyncio.run(last_event(prompt)) == ("error", "the engine failed: device copy failed")
+        kind, result = asyncio.run(last_event(prompt[:60]))  # no cached block to copy
+        assert kind == "done" and result.completion_tokens == 3
+        assert scheduler.active == 0
+    finally:
+        scheduler.stop()
 
 
 # ---------------------------------------------------------------------------------------------- refused input
