@@ -75,11 +75,14 @@ class Generator:
 
     def __init__(self, artifacts: str | Path, backend: str = "auto", split_special_tokens: bool = False,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb {prefix_cache_mb}: must be >= 0 (0 turns the prefix cache off)")
+        prefix_cache_bytes = int(prefix_cache_mb * 2 ** 20)
         self.artifact = Artifact.open(artifacts)
         self.spec = self.artifact.spec
         self.engine = open_engine(self.artifact, backend)
         self.backend = self.engine.backend
-        self._check_memory()
+        self._check_memory(prefix_cache_bytes)
         self.tokenizer = Tokenizer.from_file(str(self.artifact.path("tokenizer.json")))
         tokenizer_config = self._json("tokenizer_config.json")
         # A base checkpoint has no chat template: it still generates text; only chat() needs one.
@@ -98,23 +101,23 @@ class Generator:
         model_config = self.artifact.manifest.config
         pad = generation_config.get("pad_token_id", model_config.get("pad_token_id"))
         self.pad_token_id = pad if isinstance(pad, int) and 0 <= pad < self.spec.vocab_size else 0
-        if prefix_cache_mb < 0:
-            raise ValueError(f"prefix_cache_mb {prefix_cache_mb}: must be >= 0 (0 turns the prefix cache off)")
-        self.prefix_cache = (PrefixCache(self.spec.bytes_per_slot, int(prefix_cache_mb * 2 ** 20))
-                             if prefix_cache_mb else None)
+        self.prefix_cache = PrefixCache(self.spec.bytes_per_slot, prefix_cache_bytes) if prefix_cache_bytes else None
         log.info("loaded %s on %s (max_batch %d, max_context %d, prefix cache %s MB)", self.artifact.folder,
                  self.backend, self.spec.max_batch, self.spec.max_context, prefix_cache_mb)
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, prefix_cache_bytes: int) -> None:
         """The artifact's memory plan, checked again where it runs: its KV cache of max_batch rows (allocated whole by
-        the HTTP scheduler) must fit beside the weights the engine has just loaded."""
+        the HTTP scheduler) and the prefix cache's limit must fit beside the weights the engine has just loaded."""
         device = "cpu" if self.backend == "onnxruntime-cpu" else "cuda"
         plan = self.artifact.manifest.memory.on_loaded_device(device)
+        if plan is not None:
+            plan = dataclasses.replace(plan, budget_bytes=plan.budget_bytes - prefix_cache_bytes)
         refusal = plan and plan.refusal()
         if refusal:
             self.engine.close()
-            raise ArtifactError(f"{self.artifact.folder} does not fit on {device} now: {refusal}. Re-export with "
-                                "those flags, or free memory")
+            raise ArtifactError(f"{self.artifact.folder} does not fit on {device} now: {refusal}, the prefix cache's "
+                                f"{prefix_cache_bytes / 2**20:.0f} MiB set aside. Re-export with those flags, lower "
+                                "prefix_cache_mb (--prefix-cache-mb), or free memory")
 
     def _json(self, name: str) -> dict:
         path = self.artifact.path(name)
