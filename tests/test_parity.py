@@ -6,11 +6,15 @@ position), a path independent of the engine interface and of the loops under tes
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from engines import Artifact, open_engine
+from engines.artifact import MANIFEST, sha256_file
 from engines.greedy import greedy, right_pad, teacher_forced
 from export import parity
 from export.reference_engine import ReferenceEngine
@@ -168,3 +172,27 @@ def test_nan_on_either_side_fails_parity_and_is_counted(model, side):
     table = parity.format_table(report)
     assert f"FAIL ({every_logit * (2 if side == 'both' else 1)} values NaN or inf" in table
     assert table.endswith("overall: FAIL")
+
+
+def test_nan_logits_of_a_real_onnx_runtime_engine_fail_parity(model, tiny_artifact, tmp_path):
+    """The artifact's final norm weight (in the graph's external data) given a NaN and the file re-hashed, as a
+    damaged or mis-built artifact would be: ONNX Runtime's logits are all NaN while its caches stay finite."""
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    data = copy / f"{manifest['graph']['onnx_file']}.data"
+    raw = data.read_bytes()
+    norm = model.model.norm.weight.numpy().tobytes()
+    assert raw.count(norm) == 1
+    data.write_bytes(raw.replace(norm, np.float32(np.nan).tobytes() + norm[4:]))
+    manifest["files"][data.name]["sha256"] = sha256_file(data)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+
+    engine = open_engine(Artifact.open(copy), "onnxruntime-cpu")
+    report = parity.measure(model, engine)
+    rows = {r["output"]: r for r in report["rows"]}
+    prompts, decode_steps = parity.scenario(engine.spec.vocab_size, engine.spec.max_batch, engine.spec.max_context)
+    assert rows["logits"]["non_finite"] == (1 + decode_steps) * len(prompts) * engine.spec.vocab_size
+    assert rows["logits"]["reference_non_finite"] == 0 and not rows["logits"]["passed"]
+    assert rows["kv_cache"]["non_finite"] == 0 and rows["kv_cache"]["passed"]
+    assert not report["passed"]
