@@ -38,7 +38,7 @@ from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph,
 from engines.base import LIMITS, GraphSpec
 from engines.memory import MemoryPlan, default_budget
 from reference import CohereConfig, load_checkpoint, resolve_checkpoint
-from reference.weights import checkpoint_files
+from reference.weights import check_checkpoint
 
 from . import parity
 from .onnx_graph import ONNX_FILE, OPSET, export_onnx
@@ -183,7 +183,7 @@ def build(opts: ExportOptions) -> Path:
     if opts.max_context > limit:
         raise ExportError(f"--max-context {opts.max_context} exceeds the model's context of {limit} tokens "
                           "(max_position_embeddings / model_max_length)")
-    files = checkpoint_files(folder)
+    files = check_checkpoint(folder, config)  # tensor names and shapes against the config, from the headers
     weight_bytes = sum(p.stat().st_size for p in set(files.values()))
     _check_disk(out.parent, weight_bytes * (1 if opts.dtype == "float16" else 2))
 

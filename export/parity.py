@@ -48,13 +48,27 @@ TOLERANCES = {
 
 @dataclasses.dataclass
 class ErrorStats:
+    """The largest error over the values finite on both sides, and how many values were not finite on each side.
+
+    A NaN or infinity anywhere is a failure of its own: NaN compares false with every bound, so an error statistic
+    that took it in would pass an engine whose logits are all NaN (or two sides that are both NaN).
+    """
+
     max_abs: float = 0.0
     ref_max_abs: float = 0.0
+    non_finite: int = 0  # NaN or ±inf values of the engine
+    ref_non_finite: int = 0  # NaN or ±inf values of the reference
 
     def add(self, ours: np.ndarray, ref: np.ndarray) -> None:
         ours, ref = ours.astype(np.float64), ref.astype(np.float64)
-        self.max_abs = max(self.max_abs, float(np.abs(ours - ref).max()))
-        self.ref_max_abs = max(self.ref_max_abs, float(np.abs(ref).max()))
+        finite_ours, finite_ref = np.isfinite(ours), np.isfinite(ref)
+        self.non_finite += int(ours.size - finite_ours.sum())
+        self.ref_non_finite += int(ref.size - finite_ref.sum())
+        both = finite_ours & finite_ref
+        if both.any():
+            self.max_abs = max(self.max_abs, float(np.abs(ours[both] - ref[both]).max()))
+        if finite_ref.any():
+            self.ref_max_abs = max(self.ref_max_abs, float(np.abs(ref[finite_ref]).max()))
 
     @property
     def max_rel(self) -> float:
@@ -116,7 +130,8 @@ def measure(reference: Engine | torch.nn.Module, engine: Engine, seed: int = 0) 
 
 def _row(name: str, err: ErrorStats, bound: float) -> dict:
     return {"output": name, "max_abs": err.max_abs, "max_rel": err.max_rel, "tolerance": f"max_abs <= {bound:.3g}",
-            "passed": err.max_abs <= bound}
+            "non_finite": err.non_finite, "reference_non_finite": err.ref_non_finite,
+            "passed": err.max_abs <= bound and err.non_finite == 0 and err.ref_non_finite == 0}
 
 
 def format_table(report: dict) -> str:
@@ -125,8 +140,11 @@ def format_table(report: dict) -> str:
              f"  {'output':<22}{'max_abs':>12}{'max_rel':>12}  {'tolerance':<22}result"]
     for r in report["rows"]:
         if "max_abs" in r:
+            non_finite = r["non_finite"] + r["reference_non_finite"]
             lines.append(f"  {r['output']:<22}{r['max_abs']:>12.3e}{r['max_rel']:>12.3e}  {r['tolerance']:<22}"
-                         f"{'PASS' if r['passed'] else 'FAIL'}")
+                         f"{'PASS' if r['passed'] else 'FAIL'}"
+                         + (f" ({non_finite} values NaN or inf: {r['non_finite']} of the engine, "
+                            f"{r['reference_non_finite']} of the reference)" if non_finite else ""))
         else:
             value = f"{r['value']:.4f}" if isinstance(r["value"], float) else r["value"]
             lines.append(f"  {r['output']:<22}{value:>12}{'':>12}  {r['tolerance']:<22}"

@@ -11,7 +11,7 @@ from .checkpoint import ModelNotFoundError, resolve_checkpoint
 from .config import CohereConfig, ConfigError
 from .model import CohereForCausalLM
 from .presets import DEFAULT_MODEL, PRESETS
-from .weights import CheckpointError, load_weights
+from .weights import CheckpointError, check_checkpoint, load_weights
 
 __all__ = ["load_model", "load_checkpoint", "resolve_checkpoint", "CohereConfig", "CohereForCausalLM",
            "ConfigError", "CheckpointError", "ModelNotFoundError", "PRESETS", "DEFAULT_MODEL"]
@@ -30,8 +30,9 @@ def load_model(model: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
 
 def load_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[CohereForCausalLM, CohereConfig]:
     config = CohereConfig.from_json_file(folder / "config.json")
+    files = check_checkpoint(folder, config)  # headers only, before the model is built: a wrong config fails fast
     with torch.device("meta"):
         model = CohereForCausalLM(config)
-    load_weights(model, folder, dtype)
+    load_weights(model, files, dtype)
     log.debug("loaded %s (%s) from %s", type(model).__name__, dtype, folder)
     return model.eval().requires_grad_(False), config

@@ -1,13 +1,16 @@
 """Load HF safetensors checkpoints (one file or shards) into the reference model, one tensor at a time.
 
-The model is built on the ``meta`` device and each parameter is materialised straight from the memory-mapped
-file in the target dtype, so a load never holds two copies of the weights. Pickled checkpoints (``.bin``,
+First the safetensors headers alone (tensor names, shapes, dtypes) are checked against the config
+(``check_checkpoint``), so a mismatched config.json fails in seconds. Then the model is built on the ``meta`` device
+and each parameter is materialised straight from the memory-mapped file in the target dtype, so a load never holds
+two copies of the weights; a tensor that is not finite there is refused by name. Pickled checkpoints (``.bin``,
 ``.pt``) are refused: unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .config import CohereConfig
 from .model import CohereForCausalLM
 
 
@@ -59,55 +63,148 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 
 
 def _tensor_names(path: Path) -> list[str]:
+    with _open(path) as f:
+        return list(f.keys())
+
+
+def expected_tensors(config: CohereConfig) -> dict[str, tuple[str, ...]]:
+    """Every parameter ``CohereForCausalLM(config)`` has, in the model's order, with its shape as the names of the
+    config quantities it is made of (``("vocab_size", "hidden_size")``); ``config_dims`` gives their values.
+
+    Computed from the config alone because building the model, even on the ``meta`` device, takes minutes for a
+    config that claims 100000 layers; a test checks this table against the model's ``named_parameters``.
+    """
+    hidden, inter = "hidden_size", "intermediate_size"
+    q, kv = "num_attention_heads * head_dim", "num_key_value_heads * head_dim"
+    table = {"model.embed_tokens.weight": ("vocab_size", hidden)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}"
+        table |= {f"{layer}.input_layernorm.weight": (hidden,),
+                  f"{layer}.self_attn.q_proj.weight": (q, hidden),
+                  f"{layer}.self_attn.k_proj.weight": (kv, hidden),
+                  f"{layer}.self_attn.v_proj.weight": (kv, hidden),
+                  f"{layer}.self_attn.o_proj.weight": (hidden, q)}
+        if config.use_qk_norm:
+            table |= {f"{layer}.self_attn.q_norm.weight": ("num_attention_heads", "head_dim"),
+                      f"{layer}.self_attn.k_norm.weight": ("num_key_value_heads", "head_dim")}
+        table |= {f"{layer}.mlp.gate_proj.weight": (inter, hidden),
+                  f"{layer}.mlp.up_proj.weight": (inter, hidden),
+                  f"{layer}.mlp.down_proj.weight": (hidden, inter)}
+    table["model.norm.weight"] = (hidden,)
+    if not config.tie_word_embeddings:
+        table["lm_head.weight"] = ("vocab_size", hidden)
+    return table
+
+
+def config_dims(config: CohereConfig) -> dict[str, int]:
+    """The values of the quantities ``expected_tensors`` names."""
+    c = config
+    return {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim, "num_attention_heads * head_dim": c.num_attention_heads * c.head_dim,
+            "num_key_value_heads * head_dim": c.num_key_value_heads * c.head_dim}
+
+
+def check_checkpoint(folder: Path, config: CohereConfig) -> dict[str, Path]:
+    """Check the checkpoint's tensor names, shapes and dtypes against what ``config`` implies, reading only the
+    safetensors headers, and return which file holds each tensor to load (in the model's order).
+
+    No tensor is read and no model is built, so a config.json that does not belong to its weights (100000 layers,
+    a wrong hidden_size) is refused in seconds, naming the first tensor at fault, rather than after minutes of
+    allocation.
+    """
+    files = checkpoint_files(folder)
+    expected = expected_tensors(config)
+    # A tied checkpoint may still carry a copy of lm_head (some exporters write one): ignore it, it is the
+    # embedding. An untied model needs its own.
+    names = set(files) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing = [name for name in expected if name not in names]
+    unexpected = sorted(n for n in names - expected.keys() if not n.endswith("rotary_emb.inv_freq"))
+    for kind, at_fault, question in (
+            ("missing", missing, "is the checkpoint complete, and config.json from the same checkpoint?"),
+            ("unexpected", unexpected, "is config.json from the same checkpoint?")):
+        if at_fault:
+            raise CheckpointError(f"{folder}: {kind} tensor(s) {', '.join(at_fault[:5])}"
+                                  + (f" and {len(at_fault) - 5} more" if len(at_fault) > 5 else "")
+                                  + f"{_layer_count_hint(files, config)}; {question}")
+
+    dims = config_dims(config)
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for path, tensor_names in by_file.items():
+        with _open(path) as f:
+            for name in tensor_names:
+                header = f.get_slice(name)
+                stored = header.get_dtype()
+                if stored not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name} is stored as {stored}; this loader reads "
+                                          f"{', '.join(FLOAT_DTYPES.values())} weights only (quantized checkpoints "
+                                          "are not supported)")
+                shape, needed = tuple(header.get_shape()), tuple(dims[d] for d in expected[name])
+                if shape != needed:
+                    raise CheckpointError(f"{path}: tensor {name} has shape {shape}, config.json implies {needed} "
+                                          f"= ({', '.join(expected[name])}); is config.json from the same "
+                                          "checkpoint?")
+    return {name: files[name] for name in expected}
+
+
+def _layer_count_hint(files: dict[str, Path], config: CohereConfig) -> str:
+    held = {match.group(1) for name in files if (match := re.match(r"model\.layers\.(\d+)\.", name))}
+    if len(held) == config.num_hidden_layers:
+        return ""
+    return f" (the checkpoint holds {len(held)} layers, config.json says num_hidden_layers={config.num_hidden_layers})"
+
+
+def _open(path: Path):
     try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
+        return safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError for any malformed header
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_weights(model: CohereForCausalLM, folder: Path, dtype: torch.dtype) -> None:
-    """Fill a meta-device ``model`` from the checkpoint in ``folder``, converting each tensor to ``dtype``."""
-    files = checkpoint_files(folder)
-    expected = {name: p.shape for name, p in model.named_parameters()}
-    # A tied checkpoint may still carry a copy of lm_head (some exporters write one): ignore it, it is the
-    # embedding. An untied model needs its own.
-    names = set(files) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
-    missing = sorted(set(expected) - names)
-    unexpected = sorted(n for n in names - set(expected) if not n.endswith("rotary_emb.inv_freq"))
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensor(s) {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    if unexpected:
-        raise CheckpointError(f"{folder}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-                              + " (is config.json from the same checkpoint?)")
-
+def load_weights(model: CohereForCausalLM, files: dict[str, Path], dtype: torch.dtype) -> None:
+    """Fill a meta-device ``model`` with the tensors ``check_checkpoint`` approved (``files``), converting each to
+    ``dtype``. A tensor holding NaN or infinity, or a value the conversion overflows to infinity, is refused by
+    name: it would make every logit NaN, and an engine built from it would pass a parity check that compares NaN
+    with NaN."""
     by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
     # A progress bar on a terminal only (disable=None): a 70 GB checkpoint takes minutes to read.
-    progress = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=None, leave=False)
+    progress = tqdm(total=len(files), desc="loading weights", unit="tensor", disable=None, leave=False)
     for path, tensor_names in by_file.items():
-        try:
-            handle = safe_open(path, framework="pt")
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        with handle as f:
+        with _open(path) as f:
             for name in tensor_names:
-                stored = f.get_slice(name).get_dtype()
-                if stored not in FLOAT_DTYPES:
-                    raise CheckpointError(f"{path.name}: tensor {name} is stored as {stored}; this loader reads "
-                                          f"{', '.join(FLOAT_DTYPES.values())} weights only (quantized checkpoints "
-                                          "are not supported)")
                 tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(expected[name]):
-                    raise CheckpointError(f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, the config "
-                                          f"needs {tuple(expected[name])}")
-                _set_parameter(model, name, tensor.to(dtype))
+                value = tensor.to(dtype)
+                if not _finite(value):
+                    raise CheckpointError(_non_finite_message(path, name, tensor, value))
+                _set_parameter(model, name, value)
                 del tensor
                 progress.update()
     progress.close()
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass that allocates nothing the tensor's size: min and max are NaN
+    when any value is NaN, and ±inf when any is."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def _non_finite_message(path: Path, name: str, stored: torch.Tensor, value: torch.Tensor) -> str:
+    stored_dtype = str(stored.dtype).removeprefix("torch.")
+    if not _finite(stored):
+        nan, inf = int(stored.isnan().sum()), int(stored.isinf().sum())
+        return (f"{path}: tensor {name} holds {nan} NaN and {inf} infinite value(s) in its stored {stored_dtype}; "
+                "the checkpoint is damaged (re-download or re-convert it)")
+    target = str(value.dtype).removeprefix("torch.")
+    overflowing = int(value.isinf().sum())
+    largest = float(stored.abs().max())
+    return (f"{path}: tensor {name} ({stored_dtype}) holds {overflowing} value(s) that overflow {target} (largest "
+            f"|value| {largest:.4g}, {target} holds up to {torch.finfo(value.dtype).max:.4g}); export it in "
+            "float32 instead")
 
 
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reference import (PRESETS, CheckpointError, CohereConfig, ConfigError, ModelNotFoundError, load_model,
-                       resolve_checkpoint)
+from reference import (PRESETS, CheckpointError, CohereConfig, CohereForCausalLM, ConfigError, ModelNotFoundError,
+                       load_model, resolve_checkpoint)
+from reference.weights import config_dims, expected_tensors
 from tests.conftest import CONFIGS, SHARED, needs_shared, save_hf_checkpoint
 
 BASE = dict(model_type="cohere", vocab_size=256000, hidden_size=8192, intermediate_size=22528,
@@ -245,4 +247,70 @@ def test_config_json_cannot_parse_is_named(checkpoint, text):
 def test_index_json_cannot_parse_is_named(checkpoint):
     (checkpoint / "model.safetensors.index.json").write_text('{"weight_map": ' + "9" * 5000 + "}")
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a safetensors index"):
+        load_model(checkpoint)
+
+
+def _edit_config(folder, **changes):
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw | changes))
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad, counts", [(float("nan"), "1 NaN and 0 infinite"), (float("inf"), "0 NaN and 1 infinite"),
+                                         (float("-inf"), "0 NaN and 1 infinite")])
+def test_non_finite_weights_are_refused_with_the_file_and_tensor(checkpoint, stored, bad, counts):
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(tensors):
+        tensors.update({k: v.to(stored) for k, v in tensors.items()})
+        tensors[name][3, 5] = bad
+
+    _rewrite(checkpoint, poison)
+    dtype = str(stored).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"{checkpoint / 'model.safetensors'}: tensor {name} holds {counts} "
+                                              rf"value\(s\) in its stored {dtype}"):
+        load_model(checkpoint)
+
+
+def test_a_value_that_overflows_float16_is_refused_when_converting(checkpoint):
+    name = "model.norm.weight"
+    _rewrite(checkpoint, lambda tensors: tensors[name].__setitem__(0, 1e6))
+    model, _ = load_model(checkpoint)  # finite in its stored float32: that load is fine
+    assert model.model.norm.weight[0] == 1e6
+    with pytest.raises(CheckpointError, match=rf"tensor {name} \(float32\) holds 1 value\(s\) that overflow float16 "
+                                              r"\(largest \|value\| 1e\+06, float16 holds up to 6\.55e\+04\)"):
+        load_model(checkpoint, torch.float16)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_expected_tensors_are_the_models_parameters(name):
+    """The table the header check compares with, against the model itself built on the meta device."""
+    config = CohereConfig(vocab_size=211, intermediate_size=96, num_hidden_layers=3, rope_theta=1e4, **CONFIGS[name])
+    with torch.device("meta"):
+        model = CohereForCausalLM(config)
+    dims = config_dims(config)
+    table = [(tensor, tuple(dims[d] for d in shape)) for tensor, shape in expected_tensors(config).items()]
+    assert table == [(tensor, tuple(p.shape)) for tensor, p in model.named_parameters()]
+
+
+@pytest.mark.parametrize("layers, message", [
+    (100000, r"missing tensor\(s\) model.layers.2.input_layernorm.weight, model.layers.2.self_attn.q_proj.weight, "
+             r".* and \d+ more \(the checkpoint holds 2 layers, config.json says num_hidden_layers=100000\)"),
+    (1, r"unexpected tensor\(s\) model.layers.1.input_layernorm.weight, .* \(the checkpoint holds 2 layers, "
+        r"config.json says num_hidden_layers=1\)"),
+])
+def test_a_layer_count_unlike_the_checkpoints_is_refused_from_the_headers_in_seconds(checkpoint, layers, message):
+    """Building a 100000-layer model, even on the meta device, takes minutes: the headers are checked first."""
+    _edit_config(checkpoint, num_hidden_layers=layers)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        load_model(checkpoint)
+    assert time.perf_counter() - started < 30
+
+
+def test_a_hidden_size_unlike_the_checkpoints_names_the_tensor_and_the_config_fields(checkpoint):
+    _edit_config(checkpoint, hidden_size=128)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.embed_tokens.weight has shape "
+                                              r"\(211, 64\), config.json implies \(211, 128\) = "
+                                              r"\(vocab_size, hidden_size\)"):
         load_model(checkpoint)

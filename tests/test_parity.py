@@ -6,11 +6,15 @@ position), a path independent of the engine interface and of the loops under tes
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from engines import Artifact, open_engine
+from engines.artifact import MANIFEST, sha256_file
 from engines.greedy import greedy, right_pad, teacher_forced
 from export import parity
 from export.reference_engine import ReferenceEngine
@@ -134,3 +138,61 @@ def test_parity_figures_equal_a_plain_replay(model, tiny_artifact):
     assert report["greedy_tokens_equal"] and rows["top1_agreement"]["value"] == 1.0
     assert greedy(engine, prompts, decode_steps) == [plain_greedy(model, p, decode_steps) for p in prompts]
     assert report["passed"]
+
+
+def test_error_stats_count_nan_and_inf_on_each_side_and_measure_the_rest():
+    stats = parity.ErrorStats()
+    stats.add(np.array([1.0, np.nan, np.inf, 4.0]), np.array([1.5, 2.0, 3.0, -np.inf]))
+    assert (stats.non_finite, stats.ref_non_finite) == (2, 1)
+    assert stats.max_abs == 0.5 and stats.ref_max_abs == 3.0  # over the values finite on both sides / the reference
+
+
+@pytest.mark.parametrize("side", ["both", "engine", "reference"])
+def test_nan_on_either_side_fails_parity_and_is_counted(model, side):
+    """A NaN weight on both sides is how a damaged checkpoint used to export with 'parity: PASS': NaN against NaN
+    made every error statistic drop it and every argmax agree."""
+    damaged, _ = load_model("tiny")
+    with torch.no_grad():
+        damaged.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
+    engine = ReferenceEngine(damaged if side != "reference" else model, max_batch=3, max_context=64)
+    reference = ReferenceEngine(damaged if side != "engine" else model, max_batch=3, max_context=64)
+    report = parity.measure(reference, engine)
+    rows = {r["output"]: r for r in report["rows"]}
+
+    # Independently: the damaged model's plain forward is NaN at every position, so every logit compared is.
+    prompts, decode_steps = parity.scenario(engine.spec.vocab_size, 3, 64)
+    with torch.no_grad():
+        assert all(damaged(torch.tensor([p])).isnan().all() for p in prompts)
+    every_logit = (1 + decode_steps) * len(prompts) * engine.spec.vocab_size
+    assert rows["logits"]["non_finite"] == (every_logit if side != "reference" else 0)
+    assert rows["logits"]["reference_non_finite"] == (every_logit if side != "engine" else 0)
+    assert (rows["kv_cache"]["non_finite"] > 0) == (side != "reference")
+    assert (rows["kv_cache"]["reference_non_finite"] > 0) == (side != "engine")
+    assert not rows["logits"]["passed"] and not rows["kv_cache"]["passed"] and not report["passed"]
+    table = parity.format_table(report)
+    assert f"FAIL ({every_logit * (2 if side == 'both' else 1)} values NaN or inf" in table
+    assert table.endswith("overall: FAIL")
+
+
+def test_nan_logits_of_a_real_onnx_runtime_engine_fail_parity(model, tiny_artifact, tmp_path):
+    """The artifact's final norm weight (in the graph's external data) given a NaN and the file re-hashed, as a
+    damaged or mis-built artifact would be: ONNX Runtime's logits are all NaN while its caches stay finite."""
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    data = copy / f"{manifest['graph']['onnx_file']}.data"
+    raw = data.read_bytes()
+    norm = model.model.norm.weight.numpy().tobytes()
+    assert raw.count(norm) == 1
+    data.write_bytes(raw.replace(norm, np.float32(np.nan).tobytes() + norm[4:]))
+    manifest["files"][data.name]["sha256"] = sha256_file(data)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+
+    engine = open_engine(Artifact.open(copy), "onnxruntime-cpu")
+    report = parity.measure(model, engine)
+    rows = {r["output"]: r for r in report["rows"]}
+    prompts, decode_steps = parity.scenario(engine.spec.vocab_size, engine.spec.max_batch, engine.spec.max_context)
+    assert rows["logits"]["non_finite"] == (1 + decode_steps) * len(prompts) * engine.spec.vocab_size
+    assert rows["logits"]["reference_non_finite"] == 0 and not rows["logits"]["passed"]
+    assert rows["kv_cache"]["non_finite"] == 0 and rows["kv_cache"]["passed"]
+    assert not report["passed"]
