@@ -177,6 +177,15 @@ def build(opts: ExportOptions) -> Path:
     log.info("resolving %s", opts.model)
     folder = resolve_checkpoint(opts.model)
     checked = _check_out(out, folder)
+    try:
+        return _build_checked(opts, started, out, folder, checked)
+    finally:
+        if checked is not None:
+            checked.close()
+
+
+def _build_checked(opts: ExportOptions, started: float, out: Path, folder: Path,
+                   checked: _ApprovedFolder | None) -> Path:
     config = CohereConfig.from_json_file(folder / "config.json")
     tokenizer_config = _check_serving_files(folder, config)
     limit = model_context_limit(config, tokenizer_config)
@@ -353,10 +362,26 @@ def _hash_files(paths: list[Path], desc: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- the --out folder, safely
 
 
-def _check_out(out: Path, checkpoint: Path) -> tuple[int, int] | None:
+class _ApprovedFolder:
+    """The folder ``_check_out`` approved for replacement, held open until the swap: while a descriptor is open its
+    inode cannot be reused, so a folder another process puts in its place never passes for it (a remembered
+    (device, inode) pair alone can name a new folder once the old one is deleted)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+    def is_(self, path: Path) -> bool:
+        held, there = os.fstat(self.fd), path.stat()
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _check_out(out: Path, checkpoint: Path) -> _ApprovedFolder | None:
     """``out`` may be replaced only when it is missing, empty, or an artifact holding nothing but its own files:
-    export never deletes what it did not write (as git refuses to overwrite untracked files). Returns the identity
-    (device, inode) of the folder found there, or None."""
+    export never deletes what it did not write (as git refuses to overwrite untracked files). Returns the folder
+    found there, held open until the swap (the caller closes it), or None."""
     source = checkpoint.resolve()
     target = out.resolve()
     if target == source or target in source.parents:
@@ -364,20 +389,22 @@ def _check_out(out: Path, checkpoint: Path) -> tuple[int, int] | None:
                           "delete the checkpoint. Pass another folder.")
     if not out.is_dir():
         return None
-    identity = out.stat().st_dev, out.stat().st_ino
+    approved = _ApprovedFolder(out)
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
-        return identity
+        return approved
     listed = _artifact_listing(out)
     if listed is None:
+        approved.close()
         raise ExportError(f"--out {out}: a folder that is not empty and not an artifact (no {MANIFEST} written by "
                           "`python -m export`); export replaces only its own artifacts. Pass a new or empty folder.")
     foreign = [name for name in entries if name != MANIFEST and name not in listed]
     if foreign:
+        approved.close()
         raise ExportError(f"--out {out}: an artifact holding files its manifest does not list "
                           f"({', '.join(foreign[:5])}); export would delete them. Move them away or pass another "
                           "folder.")
-    return identity
+    return approved
 
 
 def _artifact_listing(folder: Path) -> set[str] | None:
@@ -471,7 +498,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
 
 
-def _replace(tmp: Path, out: Path, checked: tuple[int, int] | None) -> None:
+def _replace(tmp: Path, out: Path, checked: _ApprovedFolder | None) -> None:
     """Move the finished folder into place. An existing artifact is swapped with it in one step, so ``out`` is
     never missing, then removed from where the new one was, if it is the folder ``_check_out`` approved
     (``checked``). SIGTERM waits until the swap is complete."""
@@ -485,7 +512,7 @@ def _replace(tmp: Path, out: Path, checked: tuple[int, int] | None) -> None:
             old = out.with_name(f"{_temporary_prefix(out)}{os.getpid()}-old")
             out.rename(old)
             tmp.rename(out)
-        if (old.stat().st_dev, old.stat().st_ino) != checked:  # replaced by someone else since it was checked
+        if checked is None or not checked.is_(old):  # replaced by someone else since it was checked
             kept = out.with_name(f".{out.name}.replaced-{int(time.time())}")
             old.rename(kept)
             log.warning("%s changed while the export replaced it; what was there is kept in %s", out, kept)
