@@ -198,9 +198,13 @@ def _build_checked(opts: ExportOptions, started: float, out: Path, folder: Path,
 
     memory = memory_plan(config, opts)
     print(memory.table())
-    spec = GraphSpec(num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
-                     head_dim=config.head_dim, vocab_size=config.vocab_size, max_batch=memory.max_batch,
-                     max_context=opts.max_context, dtype=opts.dtype)
+    try:
+        spec = GraphSpec(num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
+                         head_dim=config.head_dim, vocab_size=config.vocab_size, max_batch=memory.max_batch,
+                         max_context=opts.max_context, dtype=opts.dtype)
+    except ValueError as e:  # a size past what an artifact may declare (engines.base.LIMITS)
+        raise ExportError(f"{folder / 'config.json'} or the flags give a graph this project does not build: {e}"
+                          ) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     with _sigterm_interrupts():
