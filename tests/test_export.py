@@ -190,7 +190,8 @@ def test_parity_command_remeasures_an_artifact(tiny_artifact):
     (["--model", "command-x"], "not a preset"),
     (["--model", "tiny", "--max-context", "100000"], "--max-context 100000 exceeds the model's context of 8192"),
     (["--model", "tiny", "--max-batch", "0"], "--max-batch 0"),
-    (["--model", "tiny", "--max-batch", "5000"], "max_batch 5000: must be an integer in [1, 4096]"),
+    (["--model", "tiny", "--max-batch", "5000", "--memory-budget", "1TB"],
+     "max_batch 5000: must be an integer in [1, 4096]"),
 ])
 def test_bad_input_gets_one_clear_line(args, message):
     result = run_export(*args)
