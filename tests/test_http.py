@@ -23,7 +23,6 @@ import pytest
 
 from serve import Generator
 from serve import replies as replies_module
-from serve.chat import ChatTemplates
 from serve.parsing import parse_grounded_answer, parse_tool_calls
 from serve.scheduler import Scheduler
 from serve.server import MAX_BODY_BYTES, GracefulServer, create_app
@@ -31,14 +30,6 @@ from serve.server import MAX_BODY_BYTES, GracefulServer, create_app
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 MODEL = "tiny-float32"  # the artifact folder's name
-# The tiny checkpoint's tool_use and rag templates render ~900 tokens, past this artifact's 256: short stand-ins
-# that still read the OpenAI-format tools and the documents.
-STAND_IN_TEMPLATES = {
-    "tool_use": "{{ bos_token }}{% for tool in tools %}{{ tool.function.name }} {% endfor %}"
-                "{% for m in messages %}{{ m.content }}{% endfor %}",
-    "rag": "{{ bos_token }}{% for d in documents %}{{ d.title }}: {{ d.text }} {% endfor %}"
-           "{% for m in messages %}{{ m.content }}{% endfor %}",
-}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -61,17 +52,11 @@ class SlowEngine:
         return logits
 
 
-def with_stand_in_templates(generator: Generator) -> Generator:
-    templates = generator.templates
-    generator.templates = ChatTemplates({**templates.templates, **STAND_IN_TEMPLATES}, templates.special_tokens)
-    return generator
-
-
 @pytest.fixture(scope="module")
 def gen(tiny_artifact) -> Generator:
     """Runs each prompt alone, without the prefix cache: the reference the server's batched output (with its
     prefix cache, on by default) must equal."""
-    return with_stand_in_templates(Generator(tiny_artifact, prefix_cache_mb=0))
+    return Generator(tiny_artifact, prefix_cache_mb=0)
 
 
 class Server:
@@ -101,7 +86,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_artifact):
-    app = create_app(with_stand_in_templates(Generator(tiny_artifact)), api_key=API_KEY)
+    app = create_app(Generator(tiny_artifact), api_key=API_KEY)
     with Server(app) as running:
         yield running
     assert not app.state.scheduler.running  # the app's shutdown stopped the scheduler thread
@@ -211,7 +196,7 @@ def test_tool_calls(client, gen, monkeypatch):
                                               temperature=0.8, seed=1)
     expected = gen.chat(messages, tools=[WEATHER_TOOL], max_new_tokens=6, temperature=0.8, seed=1)
     assert unparsed.choices[0].message.content == expected.text and unparsed.choices[0].message.tool_calls is None
-    assert unparsed.usage.prompt_tokens == expected.prompt_tokens  # the tool reached the (stand-in) template
+    assert unparsed.usage.prompt_tokens == expected.prompt_tokens  # the tool reached the template
     # What the server makes of a well-formed Action list, whatever the model wrote.
     monkeypatch.setattr(replies_module, "parse_tool_calls", lambda text: parse_tool_calls(ACTION))
     reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=6)
