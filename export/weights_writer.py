@@ -14,7 +14,6 @@ into the data file and points the graph at it.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import mmap
 from collections.abc import Iterator
@@ -29,8 +28,6 @@ from tqdm import tqdm
 from reference.config import CohereConfig
 from reference.model import CohereForCausalLM
 from reference.weights import FLOAT_DTYPES, INDEX_FILE, CheckpointError, checkpoint_files
-
-log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 16 << 20  # what one conversion step holds, in the target dtype
 # Tensors the optimiser may read whole: its constant folding never reads an input larger than this many values
