@@ -13,7 +13,6 @@ import ctypes
 import dataclasses
 import datetime
 import errno
-import gc
 import json
 import logging
 import os
@@ -41,7 +40,8 @@ from reference import CohereConfig, load_checkpoint, resolve_checkpoint
 from reference.weights import check_checkpoint
 
 from . import parity
-from .onnx_graph import ONNX_FILE, OPSET, export_onnx
+from .onnx_graph import ONNX_FILE, OPSET, export_graph
+from .weights_writer import CheckpointWeights
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +266,10 @@ def _build_info(started: float, weight_bytes: int) -> Build:
 
 
 def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConfig, spec: GraphSpec) -> dict:
-    log.info("loading %s weights (%s)", folder, opts.dtype)
-    model, _ = load_checkpoint(folder, getattr(torch, opts.dtype))
-    log.info("tracing the decoder to ONNX (opset %d, static cache of %d tokens)", OPSET, spec.max_context)
-    export_onnx(model, spec, tmp)
-    del model  # the export's copy of the weights; verification loads the fp32 reference afresh
-    gc.collect()
+    weights = CheckpointWeights(folder, config)  # refuses missing, misshapen or quantized tensors before any work
+    log.info("tracing the decoder to ONNX (opset %d, static cache of %d tokens) and streaming the %s weights",
+             OPSET, spec.max_context, opts.dtype)
+    export_graph(config, weights, spec, tmp)
 
     for name in CHECKPOINT_FILES:
         if (folder / name).exists():

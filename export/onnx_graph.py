@@ -14,17 +14,23 @@ import warnings
 from pathlib import Path
 
 import torch
+import onnxscript.optimizer
 from onnxscript import ir
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_INDICES, GraphSpec, past_names,
                           present_names)
+from reference.config import CohereConfig
 from reference.model import CohereForCausalLM
+
+from .weights_writer import StateDictWeights, WeightSource, WeightTensor, write_external_data
 
 log = logging.getLogger(__name__)
 
 OPSET = 24  # TensorScatter is new in opset 24
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+PARAMETER_PREFIX = "model."  # DecoderStep.model: a graph initializer is named "model." + the checkpoint's name
 
 
 class DecoderStep(torch.nn.Module):
@@ -49,7 +55,56 @@ def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 2) -> tuple[torch
 
 
 def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path) -> Path:
-    """Write ``folder/model.onnx`` (+ ``model.onnx.data``, the weights as external data) and return its path."""
+    """Export an in-memory model: its weights stream from its state dict through the same path as a checkpoint's."""
+    return export_graph(model.config, StateDictWeights(model.state_dict()), spec, folder)
+
+
+def export_graph(config: CohereConfig, weights: WeightSource, spec: GraphSpec, folder: Path) -> Path:
+    """Write ``folder/model.onnx`` and ``model.onnx.data`` (the weights as external data, in ``spec.dtype``) and
+    return the graph's path. The graph is traced without weights; ``weights`` are then streamed into the data file
+    one block at a time, so the export's memory does not grow with the model."""
+    dtype = getattr(torch, spec.dtype)
+    model = trace(config, spec)
+    graph = model.graph
+    for value in list(graph.initializers.values()):
+        key = value.name.removeprefix(PARAMETER_PREFIX)
+        value.const_value = WeightTensor(weights, key, dtype, name=value.name)
+    _fold_weight_transposes(graph, weights, dtype)
+    # The optimiser ``optimize=True`` runs, now that the weights are readable: constant folding (the rotary
+    # tables, fp32 copies of the norm weights, shape arithmetic), dead code and duplicate constants. It never reads
+    # a weight larger than its input size limit whole, which WeightTensor enforces.
+    onnxscript.optimizer.optimize(model)
+
+    path = folder / ONNX_FILE
+    # Weights always go to external data, in the file the manifest names: one layout for every model size, and no
+    # 2 GB protobuf limit.
+    write_external_data(graph, folder, DATA_FILE)
+    ir.save(model, path)
+    return path
+
+
+def trace(config: CohereConfig, spec: GraphSpec) -> ir.Model:
+    """The decoder step as an ONNX model whose initializers carry no data, traced on fake tensors: a 35B model
+    traces in the memory of a small one. (A ``meta``-device model does not trace: ``torch.onnx.ops.symbolic``
+    returns CPU tensors, so attention would see two devices.) Parameters are built in the target dtype because a
+    fake module cannot be converted with ``.to``."""
+    # The exporter logs a warning per missing torchvision op at import; none of them concern this graph.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    default_dtype = torch.get_default_dtype()
+    with warnings.catch_warnings(), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
+        torch.set_default_dtype(getattr(torch, spec.dtype))
+        try:
+            step = DecoderStep(CohereForCausalLM(config).eval())
+        finally:
+            torch.set_default_dtype(default_dtype)
+        # The exporter's own optimisation cannot read fake weights: export_graph runs it once they are readable.
+        program = torch.onnx.export(step, example_inputs(spec), **export_arguments(spec), optimize=False)
+    return program.model
+
+
+def export_arguments(spec: GraphSpec) -> dict:
+    """The arguments of ``torch.onnx.export`` that give the graph its form, names and dynamic dimensions."""
     # torch.export specialises dims traced at size 1, so the example has batch 2 and seq 2, and a Dim's range
     # must contain them; the engines still refuse a batch above max_batch.
     batch = torch.export.Dim("batch", min=1, max=max(2, spec.max_batch))
@@ -64,18 +119,25 @@ def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path) -> Path
     for layer in range(spec.num_layers):
         input_names += past_names(layer)
         output_names += present_names(layer)
+    return dict(dynamo=True, opset_version=OPSET, input_names=input_names, output_names=output_names,
+                dynamic_shapes=dynamic_shapes, verbose=False, report=False)
 
-    path = folder / ONNX_FILE
-    # The exporter logs a warning per missing torchvision op at import; none of them concern this graph.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
-        program = torch.onnx.export(
-            DecoderStep(model), example_inputs(spec), dynamo=True, opset_version=OPSET,
-            input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
-            optimize=True, verbose=False, report=False)
-        # Weights always go to external data, in the file the manifest names: one layout for every model size,
-        # and no 2 GB protobuf limit. ``ir.save`` streams each tensor to disk, as ``program.save`` does (which
-        # would choose the data file's name itself).
-        ir.save(program.model, path, external_data=DATA_FILE)
-    return path
+
+def _fold_weight_transposes(graph: ir.Graph, weights: WeightSource, dtype: torch.dtype) -> None:
+    """``nn.Linear`` traces as ``MatMul(x, Transpose(W))``. Replace each such Transpose by an initializer holding
+    ``W^T`` (written transposed when streamed), named as the Transpose's output, as the optimiser folds it for
+    in-memory weights."""
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if source is None or not source.is_initializer() or len(source.uses()) != 1:
+            continue
+        if tuple(node.attributes.get_ints("perm", ())) != (1, 0):
+            continue
+        output = node.outputs[0]
+        tensor = WeightTensor(weights, source.const_value.key, dtype, transpose=True, name=output.name)
+        folded = ir.Value(name=output.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor,
+                          metadata_props={"pkg.onnxscript.optimizer.folded_from": str([source.name])})  # as it says
+        output.replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        graph.register_initializer(folded)
