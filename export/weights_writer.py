@@ -26,8 +26,7 @@ from onnxscript import ir
 from tqdm import tqdm
 
 from reference.config import CohereConfig
-from reference.model import CohereForCausalLM
-from reference.weights import FLOAT_DTYPES, INDEX_FILE, CheckpointError, checkpoint_files
+from reference.weights import INDEX_FILE, CheckpointError, all_finite, check_checkpoint, non_finite_message
 
 BLOCK_BYTES = 16 << 20  # what one conversion step holds, in the target dtype
 # Tensors the optimiser may read whole: its constant folding never reads an input larger than this many values
@@ -67,9 +66,12 @@ class WeightSource:
         return torch.cat(pieces).reshape(shape[::-1] if transpose else shape)
 
 
-def _pieces(array: np.ndarray, stored: torch.dtype, dtype: torch.dtype, transpose: bool) -> Iterator[torch.Tensor]:
+def _pieces(array: np.ndarray, stored: torch.dtype, dtype: torch.dtype, transpose: bool, where: Path | str,
+            name: str) -> Iterator[torch.Tensor]:
     """Blocks of ``array`` (raw storage, ``stored`` reinterpreted), converted with torch as ``Tensor.to`` converts
-    an in-memory model, so the bytes equal those of the in-memory export."""
+    an in-memory model, so the bytes equal those of the in-memory export. A block holding NaN or infinity, or a
+    value the conversion overflows, is refused naming the tensor (``where`` is its file), as the reference loader
+    refuses it: an artifact built from it would give NaN logits."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     if transpose:  # W^T [cols, rows] is produced a band of W's columns at a time
         rows, cols = array.shape
@@ -80,8 +82,11 @@ def _pieces(array: np.ndarray, stored: torch.dtype, dtype: torch.dtype, transpos
         step = max(1, BLOCK_BYTES // itemsize)
         spans = [flat[i:i + step] for i in range(0, flat.size, step)]
     for span in spans:
-        piece = torch.from_numpy(np.array(span, order="C"))  # a copy: the mapping is read-only
-        yield piece.view(stored).to(dtype)
+        piece = torch.from_numpy(np.array(span, order="C")).view(stored)  # a copy: the mapping is read-only
+        converted = piece.to(dtype)
+        if not all_finite(converted):
+            raise CheckpointError(non_finite_message(where, name, piece, converted))
+        yield converted
 
 
 class CheckpointWeights(WeightSource):
@@ -91,36 +96,12 @@ class CheckpointWeights(WeightSource):
 
     def __init__(self, folder: Path, config: CohereConfig):
         self.folder = folder
-        files = checkpoint_files(folder)  # each tensor's file, as the index says
-        headers = {path: _read_header(path) for path in sorted(set(files.values()))}
+        files = check_checkpoint(folder, config)  # names, shapes and float dtypes against the config, from headers
+        headers = {path: _read_header(path) for path in sorted(set(files.values()))}  # where each tensor's data is
         for name, path in files.items():
             if name not in headers[path]:
                 raise CheckpointError(f"{path}: has no tensor {name}, which {INDEX_FILE} places there")
         self.entries = {name: headers[path][name] for name, path in files.items()}
-        with torch.device("meta"):
-            expected = {name: tuple(p.shape) for name, p in CohereForCausalLM(config).named_parameters()}
-        self._check(expected, config.tie_word_embeddings)
-
-    def _check(self, expected: dict[str, tuple[int, ...]], tied: bool) -> None:
-        names = set(self.entries) - ({"lm_head.weight"} if tied else set())
-        missing = sorted(set(expected) - names)
-        unexpected = sorted(n for n in names - set(expected) if not n.endswith("rotary_emb.inv_freq"))
-        if missing:
-            raise CheckpointError(f"{self.folder}: missing tensor(s) {', '.join(missing[:5])}"
-                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        if unexpected:
-            raise CheckpointError(f"{self.folder}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-                                  + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-                                  + " (is config.json from the same checkpoint?)")
-        for name, shape in expected.items():
-            entry = self.entries[name]
-            if entry.stored not in FLOAT_DTYPES:
-                raise CheckpointError(f"{entry.path.name}: tensor {name} is stored as {entry.stored}; this loader "
-                                      f"reads {', '.join(FLOAT_DTYPES.values())} weights only (quantized "
-                                      "checkpoints are not supported)")
-            if entry.shape != tuple(shape):
-                raise CheckpointError(f"{entry.path.name}: tensor {name} has shape {entry.shape}, the config "
-                                      f"needs {tuple(shape)}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name].shape
@@ -130,16 +111,22 @@ class CheckpointWeights(WeightSource):
         stored = _STORED[entry.stored]
         raw = np.dtype(f"<i{stored.itemsize}")
         first = entry.begin // mmap.PAGESIZE * mmap.PAGESIZE
+        refused = None
         with open(entry.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             array = np.frombuffer(mapped, dtype=raw, count=math.prod(entry.shape), offset=entry.begin)
-            pieces = _pieces(array.reshape(entry.shape), stored, dtype, transpose)
+            pieces = _pieces(array.reshape(entry.shape), stored, dtype, transpose, entry.path, name)
             try:
                 for piece in pieces:
                     mapped.madvise(mmap.MADV_DONTNEED, first, entry.end - first)
                     yield piece
+            except CheckpointError as e:
+                # Raised again once the mapping is closed: the error's traceback holds the frames that view it.
+                refused = str(e)
             finally:
                 pieces.close()  # the mapping cannot close while a view of it exists
                 del pieces, array
+        if refused is not None:
+            raise CheckpointError(refused)
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:
@@ -193,7 +180,7 @@ class StateDictWeights(WeightSource):
     def blocks(self, name: str, dtype: torch.dtype, transpose: bool) -> Iterator[torch.Tensor]:
         tensor = self.tensors[name].contiguous()
         raw = tensor.view(getattr(torch, f"int{8 * tensor.element_size()}")).numpy()
-        yield from _pieces(raw, tensor.dtype, dtype, transpose)
+        yield from _pieces(raw, tensor.dtype, dtype, transpose, "the in-memory model", name)
 
 
 class WeightTensor(ir.LazyTensor):

@@ -178,31 +178,32 @@ def load_weights(model: CohereForCausalLM, files: dict[str, Path], dtype: torch.
             for name in tensor_names:
                 tensor = f.get_tensor(name)
                 value = tensor.to(dtype)
-                if not _finite(value):
-                    raise CheckpointError(_non_finite_message(path, name, tensor, value))
+                if not all_finite(value):
+                    raise CheckpointError(non_finite_message(path, name, tensor, value))
                 _set_parameter(model, name, value)
                 del tensor
                 progress.update()
     progress.close()
 
 
-def _finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every value is finite, in one pass that allocates nothing the tensor's size: min and max are NaN
     when any value is NaN, and ±inf when any is."""
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-def _non_finite_message(path: Path, name: str, stored: torch.Tensor, value: torch.Tensor) -> str:
+def non_finite_message(where: Path | str, name: str, stored: torch.Tensor, value: torch.Tensor) -> str:
+    """Why ``value`` (``stored`` converted) is refused: NaN or infinity stored, or a conversion that overflows."""
     stored_dtype = str(stored.dtype).removeprefix("torch.")
-    if not _finite(stored):
+    if not all_finite(stored):
         nan, inf = int(stored.isnan().sum()), int(stored.isinf().sum())
-        return (f"{path}: tensor {name} holds {nan} NaN and {inf} infinite value(s) in its stored {stored_dtype}; "
+        return (f"{where}: tensor {name} holds {nan} NaN and {inf} infinite value(s) in its stored {stored_dtype}; "
                 "the checkpoint is damaged (re-download or re-convert it)")
     target = str(value.dtype).removeprefix("torch.")
     overflowing = int(value.isinf().sum())
     largest = float(stored.abs().max())
-    return (f"{path}: tensor {name} ({stored_dtype}) holds {overflowing} value(s) that overflow {target} (largest "
+    return (f"{where}: tensor {name} ({stored_dtype}) holds {overflowing} value(s) that overflow {target} (largest "
             f"|value| {largest:.4g}, {target} holds up to {torch.finfo(value.dtype).max:.4g}); export it in "
             "float32 instead")
 
