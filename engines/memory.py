@@ -162,7 +162,7 @@ class MemoryPlan:
         budget = "unknown" if self.budget_bytes is None else f"{self.budget_bytes / gib:.2f} GiB"
         rows = [("weights", self.weight_bytes),
                 (f"KV cache ({self.max_batch} rows x {self.max_context} tokens x "
-                 f"{self.kv_bytes_per_token / 2**20:.3f} MiB)", self.max_batch * self.kv_bytes_per_row),
+                 f"{self.kv_bytes_per_token / 2**10:.1f} KiB)", self.max_batch * self.kv_bytes_per_row),
                 (f"activations ({self.max_batch} rows, prefill chunks of "
                  f"{min(PLANNED_PREFILL_TOKENS, self.max_context)} tokens, logits)",
                  self.max_batch * self.activation_bytes_per_row),
