@@ -125,10 +125,15 @@ class Health(Reply):
     waiting: int  # requests waiting for one
 
 
+class PromptTokensDetails(Reply):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache instead of a prefill
+
+
 class Usage(Reply):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ModelCard(Reply):

@@ -17,7 +17,7 @@ import uuid
 
 from .batch import GenerationResult
 from .parsing import parse_grounded_answer, parse_tool_calls
-from .protocol import ChatMessage, CitationOut, FunctionCallOut, ToolCallOut, Usage
+from .protocol import ChatMessage, CitationOut, FunctionCallOut, PromptTokensDetails, ToolCallOut, Usage
 
 log = logging.getLogger(__name__)
 
@@ -53,4 +53,5 @@ def chat_message(result: GenerationResult) -> tuple[ChatMessage, str]:
 
 def usage(result: GenerationResult) -> Usage:
     return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                 total_tokens=result.prompt_tokens + result.completion_tokens)
+                 total_tokens=result.prompt_tokens + result.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens))

@@ -291,6 +291,12 @@ def test_concurrent_requests_sharing_a_prefix_reuse_its_cache_and_get_what_they_
     seen = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": stem, "max_tokens": 1},
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
     assert seen.status_code == 200 and metric(server, "cohere_deploy_prefix_cache_entries") == entries + 2
+    assert seen.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": stem, "max_tokens": 1},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    # OpenAI's field for it: the stem's two whole blocks came from the cache.
+    assert again.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * BLOCK_TOKENS}
+    assert again.json()["choices"] == seen.json()["choices"]
     fresh = [rng.randrange(7, gen.spec.vocab_size) for _ in range(BLOCK_TOKENS + 3)]  # not seen: shared at once
     prompts = [stem[:cut] + [rng.randrange(7, gen.spec.vocab_size) for _ in range(5)]
                for cut in (BLOCK_TOKENS - 1, BLOCK_TOKENS + 20, 2 * BLOCK_TOKENS, 2 * BLOCK_TOKENS + 10)]
