@@ -124,21 +124,25 @@ class _StreamedCohere(CohereForCausalLM):
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32
+        return torch.float32  # what every weight read is converted to, as ``load_checkpoint(folder, float32)`` does
 
     def new_caches(self, batch: int, max_context: int) -> KVCaches:
+        """On the CPU: the caches live for the whole run, unlike the weights, so not on the skeleton's meta device."""
         c = self.config
         shape = (batch, c.num_key_value_heads, max_context, c.head_dim)
         return [(torch.zeros(shape, dtype=self.dtype, device="cpu"), torch.zeros(shape, dtype=self.dtype,
                                                                                  device="cpu"))
                 for _ in range(c.num_hidden_layers)]
 
-    def _read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """One tensor (or a range of its rows) in fp32, refused by name if it holds NaN or infinity, as
-        ``load_weights`` refuses it."""
+    def _read(self, name: str, rows: list[slice] | None = None) -> torch.Tensor:
+        """One tensor (or the ranges ``rows`` of its rows, concatenated) in fp32, refused by name if it holds NaN or
+        infinity, as ``load_weights`` refuses it."""
         path = self.files[name]
         with safe_open(path, framework="pt") as f:  # opened per read: a long-lived mmap would count every page read
-            stored = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+            if rows is None:
+                stored = f.get_tensor(name)
+            else:
+                stored = torch.cat([f.get_slice(name)[r] for r in rows])
         value = stored.to(self.dtype)
         if not all_finite(value):
             raise CheckpointError(non_finite_message(path, name, stored, value))
@@ -161,7 +165,7 @@ class _StreamedCohere(CohereForCausalLM):
         (input_ids,) = args
         tokens, positions = torch.unique(input_ids, return_inverse=True)
         name = "model.embed_tokens.weight"
-        module.weight = torch.nn.Parameter(torch.cat([self._read(name, slice(t, t + 1)) for t in tokens.tolist()]),
+        module.weight = torch.nn.Parameter(self._read(name, [slice(t, t + 1) for t in tokens.tolist()]),
                                            requires_grad=False)
         self._note_resident()
         return (positions,)
@@ -175,8 +179,7 @@ class _StreamedCohere(CohereForCausalLM):
         name = "lm_head.weight" if "lm_head.weight" in self.files else "model.embed_tokens.weight"
         chunks = []
         for start in range(0, self.config.vocab_size, self.lm_head_rows):
-            weight = self._read(name, slice(start, start + self.lm_head_rows))
+            weight = self._read(name, [slice(start, start + self.lm_head_rows)])
             self._note_resident(weight)
             chunks.append(F.linear(h, weight).float() * self.config.logit_scale)
-            del weight
         return torch.cat(chunks, dim=-1)
