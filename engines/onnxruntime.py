@@ -122,9 +122,12 @@ class OnnxRuntimeEngine(Engine):
 
         return OrtCacheState(batch, [(zeros(), zeros()) for _ in range(self.spec.num_layers)])
 
-    def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
+    def _check_open(self) -> None:
         if self.session is None:
             raise EngineError("this ONNX Runtime engine is closed; open the artifact again")
+
+    def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
+        self._check_open()
         rows = input_ids.shape[0]
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, input_ids)
@@ -146,8 +149,7 @@ class OnnxRuntimeEngine(Engine):
     def _slot_session(self, kind: str) -> ort.InferenceSession:
         """The graph that copies slots of one row of every cache (``cache_{i}``: layer i // 2, key or value) out to
         ``block_{i}`` ("save": Slice on the slot axis) or back in at ``write_index`` ("load": TensorScatter)."""
-        if self.session is None:
-            raise EngineError("this ONNX Runtime engine is closed; open the artifact again")
+        self._check_open()
         if kind in self._slot_sessions:
             return self._slot_sessions[kind]
         heads, context, head_dim = self.spec.cache_shape_per_row

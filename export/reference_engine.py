@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from engines.base import Engine, GraphSpec
@@ -181,5 +180,5 @@ class _StreamedCohere(CohereForCausalLM):
         for start in range(0, self.config.vocab_size, self.lm_head_rows):
             weight = self._read(name, [slice(start, start + self.lm_head_rows)])
             self._note_resident(weight)
-            chunks.append(F.linear(h, weight).float() * self.config.logit_scale)
+            chunks.append(self.scaled_logits(h, weight))
         return torch.cat(chunks, dim=-1)

@@ -201,5 +201,9 @@ class CohereForCausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.scaled_logits(h, weight)
+
+    def scaled_logits(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of ``h`` against the output projection ``weight`` (or some of its vocabulary rows)."""
         # Cohere multiplies by logit_scale (Granite divides); forgetting it makes sampling near-deterministic.
         return F.linear(h, weight).float() * self.config.logit_scale
