@@ -32,7 +32,9 @@ def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
     from .onnxruntime import OnnxRuntimeEngine
 
     device = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda"}.get(backend, "auto")
-    return OnnxRuntimeEngine(artifact.path(artifact.manifest.graph.onnx_file), artifact.spec, device=device)
+    quantization = artifact.manifest.quantization
+    return OnnxRuntimeEngine(artifact.path(artifact.manifest.graph.onnx_file), artifact.spec, device=device,
+                             matmul_nbits_accuracy_level=quantization and quantization.onnxruntime_accuracy_level)
 
 
 def tensorrt_unusable_reason(artifact: Artifact) -> str | None:

@@ -119,6 +119,28 @@ class Parity:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantization of the graph's projections (``reference/quantize.py`` defines the numbers):
+    symmetric ``bits``-bit integers with one ``scale_dtype`` scale per ``block_size`` inputs of each output."""
+
+    method: str  # "rtn": round to nearest
+    bits: int
+    block_size: int
+    scale_dtype: str
+    weights: list[str]  # the checkpoint tensors whose products use quantized weights ("lm_head" for the head)
+    # ONNX Runtime CPU's session.qdq_matmulnbits_accuracy_level, the precision of the activations inside its fused
+    # MatMulNBits kernels: 1 keeps them fp32, 4 quantizes them to int8 (faster). Parity was measured at this level.
+    onnxruntime_accuracy_level: int
+
+    def __post_init__(self):
+        if self.bits not in (4, 8) or self.block_size not in (32, 64, 128) or self.onnxruntime_accuracy_level not in (
+                1, 4):
+            raise ValueError(f"bits {self.bits}, block_size {self.block_size}, onnxruntime_accuracy_level "
+                             f"{self.onnxruntime_accuracy_level}: expected bits 4 or 8, block size 32, 64 or 128, "
+                             "accuracy level 1 or 4")
+
+
+@dataclasses.dataclass(frozen=True)
 class Build:
     seconds: float
     weight_bytes: int
@@ -138,6 +160,7 @@ class Manifest:
     memory: MemoryPlan  # what the artifact needs where it runs, as export planned and checked it
     tools: dict[str, str]
     files: dict[str, FileEntry]  # every file of the folder but the manifest itself
+    quantization: Quantization | None = None  # None: the weights are in the graph's dtype
 
     def to_dict(self) -> dict:
         return _to_json(self)

@@ -58,9 +58,12 @@ class OrtCacheState:
 
 class OnnxRuntimeEngine(Engine):
     def __init__(self, onnx_path: Path, spec: GraphSpec, device: str = "auto", threads: int | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, matmul_nbits_accuracy_level: int | None = None):
         """``device``: "cpu", "cuda" or "auto" (CUDA when the CUDA execution provider is available).
-        ``profile_prefix``: turn on ONNX Runtime's profiler (``session.end_profiling()`` writes the trace)."""
+        ``profile_prefix``: turn on ONNX Runtime's profiler (``session.end_profiling()`` writes the trace).
+        ``matmul_nbits_accuracy_level``: for a quantized graph, the precision of the activations inside the
+        ``MatMulNBits`` kernels ONNX Runtime fuses its dequantized MatMuls into: 1 keeps them in fp32, 4 quantizes
+        them to int8 (the artifact's manifest records the level it was verified at)."""
         if device == "auto":
             device = "cuda" if cuda_available() else "cpu"
         if device == "cuda" and not cuda_available():
@@ -74,6 +77,9 @@ class OnnxRuntimeEngine(Engine):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = int(os.environ.get("COHERE_DEPLOY_ORT_LOG_LEVEL", 3))
+        if matmul_nbits_accuracy_level is not None:
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                             str(matmul_nbits_accuracy_level))
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix

@@ -23,7 +23,9 @@ from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_IND
 from reference.config import CohereConfig
 from reference.model import CohereForCausalLM
 
-from .weights_writer import StateDictWeights, WeightSource, WeightTensor, write_external_data
+from reference.quantize import WeightQuantization, quantized_linear_weights
+
+from .weights_writer import QuantizedWeight, StateDictWeights, WeightSource, WeightTensor, write_external_data
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,17 @@ def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 2) -> tuple[torch
             *[torch.zeros(cache, dtype=dtype) for _ in range(2 * spec.num_layers)])
 
 
-def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path) -> Path:
+def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path,
+                quantization: WeightQuantization | None = None) -> Path:
     """Export an in-memory model: its weights stream from its state dict through the same path as a checkpoint's."""
-    return export_graph(model.config, StateDictWeights(model.state_dict()), spec, folder)
+    return export_graph(model.config, StateDictWeights(model.state_dict()), spec, folder, quantization)
 
 
-def export_graph(config: CohereConfig, weights: WeightSource, spec: GraphSpec, folder: Path) -> Path:
-    """Write ``folder/model.onnx`` and ``model.onnx.data`` (the weights as external data, in ``spec.dtype``) and
-    return the graph's path. The graph is traced without weights; ``weights`` are then streamed into the data file
-    one block at a time, so the export's memory does not grow with the model."""
+def export_graph(config: CohereConfig, weights: WeightSource, spec: GraphSpec, folder: Path,
+                 quantization: WeightQuantization | None = None) -> Path:
+    """Write ``folder/model.onnx`` and ``model.onnx.data`` (the weights as external data, in ``spec.dtype``, or
+    quantized) and return the graph's path. The graph is traced without weights; ``weights`` are then streamed into
+    the data file one block at a time, so the export's memory does not grow with the model."""
     dtype = getattr(torch, spec.dtype)
     model = trace(config, spec)
     graph = model.graph
@@ -74,6 +78,9 @@ def export_graph(config: CohereConfig, weights: WeightSource, spec: GraphSpec, f
     # tables, fp32 copies of the norm weights, shape arithmetic), dead code and duplicate constants. It never reads
     # a weight larger than its input size limit whole, which WeightTensor enforces.
     onnxscript.optimizer.optimize(model)
+    if quantization is not None:  # after the optimiser, whose constant folding would fold small DequantizeLinears
+        quantize_linear_weights(graph, weights, quantization, dtype,
+                                set(quantized_linear_weights(config.num_hidden_layers)))
 
     path = folder / ONNX_FILE
     # Weights always go to external data, in the file the manifest names: one layout for every model size, and no
@@ -141,3 +148,54 @@ def _fold_weight_transposes(graph: ir.Graph, weights: WeightSource, dtype: torch
         graph.remove(node, safe=True)
         graph.initializers.pop(source.name)
         graph.register_initializer(folded)
+
+
+def quantize_linear_weights(graph: ir.Graph, weights: WeightSource, quantization: WeightQuantization,
+                            dtype: torch.dtype, names: set[str]) -> None:
+    """Make every projection in ``names`` and the output projection multiply by quantized weights:
+    ``MatMul(x, W^T)`` becomes ``MatMul(x, DequantizeLinear(q, scale))`` (blocked on axis 0, docs/graph-form.md),
+    and the LM head's ``Gemm(h, W, transB=1)`` the same ``MatMul`` form. A tied embedding keeps its float table
+    for the lookup; the LM head gets a quantized copy."""
+    for node in list(graph):
+        if node.op_type == "MatMul":
+            weight = node.inputs[1]
+            tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+            if not (isinstance(tensor, WeightTensor) and tensor.transpose and tensor.key in names):
+                continue
+            _dequantized_input(graph, node, 1, weights, tensor.key, quantization, dtype)
+            if not weight.uses():
+                graph.initializers.pop(weight.name)
+        elif node.op_type == "Gemm" and _is_lm_head(node):
+            key = node.inputs[1].const_value.key
+            matmul = ir.node("MatMul", [node.inputs[0], node.inputs[1]], name=node.name)
+            graph.insert_before(node, matmul)
+            node.outputs[0].replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=True)
+            matmul.outputs[0].name, node.outputs[0].name = node.outputs[0].name, None
+            graph.remove(node, safe=True)
+            _dequantized_input(graph, matmul, 1, weights, key, quantization, dtype)
+
+
+def _is_lm_head(node: ir.Node) -> bool:
+    """``F.linear(h, W)`` on a 2-D ``h`` traces as ``Gemm(h, W, transB=1)``: only the LM head has a 2-D input."""
+    weight = node.inputs[1] if len(node.inputs) == 2 else None
+    tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+    attributes = node.attributes
+    return (isinstance(tensor, WeightTensor) and not tensor.transpose and attributes.get_int("transB", 0) == 1
+            and attributes.get_int("transA", 0) == 0 and attributes.get_float("alpha", 1.0) == 1.0)
+
+
+def _dequantized_input(graph: ir.Graph, node: ir.Node, index: int, weights: WeightSource, key: str,
+                       quantization: WeightQuantization, dtype: torch.dtype) -> None:
+    """Feed input ``index`` of ``node`` from a DequantizeLinear of ``key``'s quantized ``W^T`` instead."""
+    stem = f"{PARAMETER_PREFIX}{key}.{quantization.name}_block{quantization.block_size}"
+    values = []
+    for suffix, scales in (("", False), (".scale", True)):
+        tensor = QuantizedWeight(weights, key, quantization, dtype, scales=scales, name=stem + suffix)
+        value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        graph.register_initializer(value)
+        values.append(value)
+    dequantize = ir.node("DequantizeLinear", values, attributes={"axis": 0, "block_size": quantization.block_size},
+                         name=f"{stem}.dequantize")
+    dequantize.outputs[0].name = f"{stem}.dequantized"
+    graph.insert_before(node, dequantize)
+    node.replace_input_with(index, dequantize.outputs[0])

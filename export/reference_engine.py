@@ -18,7 +18,11 @@ from safetensors import safe_open
 from engines.base import Engine, GraphSpec
 from reference import CheckpointError, CohereConfig, CohereForCausalLM, load_model
 from reference.model import KVCaches
+from reference.quantize import WeightQuantization, quantized_linear_weights
 from reference.weights import _set_parameter, all_finite, check_checkpoint, non_finite_message
+
+
+RoundTrip = tuple[WeightQuantization, torch.dtype]  # a quantization and the dtype of its scales
 
 
 @dataclasses.dataclass
@@ -92,10 +96,12 @@ class StreamedReferenceEngine(ReferenceEngine):
     """
 
     def __init__(self, folder: Path, config: CohereConfig, max_batch: int, max_context: int,
-                 lm_head_rows: int = 8192):
+                 lm_head_rows: int = 8192, quantized: RoundTrip | None = None):
+        """``quantized``: run the weights an int8/int4 artifact multiplies by (each projection quantized and
+        dequantized as it is read), the reference such an artifact is held exact against."""
         files = check_checkpoint(folder, config)  # headers only: names, shapes and dtypes, before any step
         with torch.device("meta"):
-            model = _StreamedCohere(config, files, lm_head_rows)
+            model = _StreamedCohere(config, files, lm_head_rows, quantized)
         super().__init__(model.eval().requires_grad_(False), max_batch, max_context)
 
     @property
@@ -109,10 +115,12 @@ class _StreamedCohere(CohereForCausalLM):
     """``CohereForCausalLM`` on the meta device whose modules read their weights from the checkpoint when they run
     (forward hooks) and give them back to the meta device when done."""
 
-    def __init__(self, config: CohereConfig, files: dict[str, Path], lm_head_rows: int):
+    def __init__(self, config: CohereConfig, files: dict[str, Path], lm_head_rows: int, quantized: RoundTrip | None):
         super().__init__(config)
         self.files = files
         self.lm_head_rows = lm_head_rows
+        self.quantized = quantized
+        self.quantized_names = set(quantized_linear_weights(config.num_hidden_layers)) if quantized else set()
         self.largest_resident_bytes = 0
         self.model.embed_tokens.register_forward_pre_hook(self._embedding_rows)
         self.model.embed_tokens.register_forward_hook(self._release)
@@ -147,6 +155,10 @@ class _StreamedCohere(CohereForCausalLM):
             raise CheckpointError(non_finite_message(path, name, stored, value))
         return value
 
+    def _round_trip(self, weight: torch.Tensor) -> torch.Tensor:
+        quantization, scale_dtype = self.quantized
+        return quantization.round_trip(weight, scale_dtype)
+
     def _note_resident(self, lm_head_chunk: torch.Tensor | None = None) -> None:
         """Counts every weight materialised now, so a module left materialised would show in the figure."""
         held = sum(p.nbytes for p in self.parameters() if not p.is_meta)
@@ -155,7 +167,8 @@ class _StreamedCohere(CohereForCausalLM):
 
     def _materialise(self, prefix: str, module: torch.nn.Module, args: tuple) -> None:
         for name, _ in list(module.named_parameters()):
-            _set_parameter(module, name, self._read(prefix + name))
+            value = self._read(prefix + name)
+            _set_parameter(module, name, self._round_trip(value) if prefix + name in self.quantized_names else value)
         self._note_resident()
 
     def _embedding_rows(self, module: torch.nn.Embedding, args: tuple) -> tuple:
@@ -179,6 +192,8 @@ class _StreamedCohere(CohereForCausalLM):
         chunks = []
         for start in range(0, self.config.vocab_size, self.lm_head_rows):
             weight = self._read(name, [slice(start, start + self.lm_head_rows)])
+            if self.quantized:  # blocks run along the hidden size, so a chunk of vocabulary rows quantizes alone
+                weight = self._round_trip(weight)
             self._note_resident(weight)
             chunks.append(self.scaled_logits(h, weight))
         return torch.cat(chunks, dim=-1)

@@ -26,6 +26,7 @@ from onnxscript import ir
 from tqdm import tqdm
 
 from reference.config import CohereConfig
+from reference.quantize import WeightQuantization, pack_int4
 from reference.weights import INDEX_FILE, CheckpointError, all_finite, check_checkpoint, non_finite_message
 
 BLOCK_BYTES = 16 << 20  # what one conversion step holds, in the target dtype
@@ -56,8 +57,9 @@ class WeightSource:
     def shape(self, name: str) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def blocks(self, name: str, dtype: torch.dtype, transpose: bool) -> Iterator[torch.Tensor]:
-        """C-ordered pieces whose concatenation is the row-major data of the converted (transposed) tensor."""
+    def blocks(self, name: str, dtype: torch.dtype, transpose: bool, align: int = 1) -> Iterator[torch.Tensor]:
+        """C-ordered pieces whose concatenation is the row-major data of the converted (transposed) tensor. A
+        transposed tensor comes in bands of whole rows, a multiple of ``align`` rows each but the last."""
         raise NotImplementedError
 
     def read(self, name: str, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
@@ -66,8 +68,8 @@ class WeightSource:
         return torch.cat(pieces).reshape(shape[::-1] if transpose else shape)
 
 
-def _pieces(array: np.ndarray, stored: torch.dtype, dtype: torch.dtype, transpose: bool, where: Path | str,
-            name: str) -> Iterator[torch.Tensor]:
+def _pieces(array: np.ndarray, stored: torch.dtype, dtype: torch.dtype, transpose: bool, align: int,
+            where: Path | str, name: str) -> Iterator[torch.Tensor]:
     """Blocks of ``array`` (raw storage, ``stored`` reinterpreted), converted with torch as ``Tensor.to`` converts
     an in-memory model, so the bytes equal those of the in-memory export. A block holding NaN or infinity, or a
     value the conversion overflows, is refused naming the tensor (``where`` is its file), as the reference loader
@@ -75,7 +77,7 @@ def _pieces(array: np.ndarray, stored: torch.dtype, dtype: torch.dtype, transpos
     itemsize = torch.empty((), dtype=dtype).element_size()
     if transpose:  # W^T [cols, rows] is produced a band of W's columns at a time
         rows, cols = array.shape
-        width = max(1, BLOCK_BYTES // (itemsize * max(rows, 1)))
+        width = max(align, BLOCK_BYTES // (itemsize * max(rows, 1)) // align * align)
         spans = [(array[:, c:c + width].T) for c in range(0, cols, width)]
     else:
         flat = array.reshape(-1)
@@ -106,7 +108,7 @@ class CheckpointWeights(WeightSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name].shape
 
-    def blocks(self, name: str, dtype: torch.dtype, transpose: bool) -> Iterator[torch.Tensor]:
+    def blocks(self, name: str, dtype: torch.dtype, transpose: bool, align: int = 1) -> Iterator[torch.Tensor]:
         entry = self.entries[name]
         stored = _STORED[entry.stored]
         raw = np.dtype(f"<i{stored.itemsize}")
@@ -114,7 +116,7 @@ class CheckpointWeights(WeightSource):
         refused = None
         with open(entry.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             array = np.frombuffer(mapped, dtype=raw, count=math.prod(entry.shape), offset=entry.begin)
-            pieces = _pieces(array.reshape(entry.shape), stored, dtype, transpose, entry.path, name)
+            pieces = _pieces(array.reshape(entry.shape), stored, dtype, transpose, align, entry.path, name)
             try:
                 for piece in pieces:
                     mapped.madvise(mmap.MADV_DONTNEED, first, entry.end - first)
@@ -177,15 +179,22 @@ class StateDictWeights(WeightSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 
-    def blocks(self, name: str, dtype: torch.dtype, transpose: bool) -> Iterator[torch.Tensor]:
+    def blocks(self, name: str, dtype: torch.dtype, transpose: bool, align: int = 1) -> Iterator[torch.Tensor]:
         tensor = self.tensors[name].contiguous()
         raw = tensor.view(getattr(torch, f"int{8 * tensor.element_size()}")).numpy()
-        yield from _pieces(raw, tensor.dtype, dtype, transpose, "the in-memory model", name)
+        yield from _pieces(raw, tensor.dtype, dtype, transpose, align, "the in-memory model", name)
 
 
-class WeightTensor(ir.LazyTensor):
-    """A graph initializer that is a source tensor converted to ``dtype`` (and transposed): its data is read when
-    the graph is written, block by block; read whole only if small, when the optimiser folds an op over it."""
+class StreamedTensor(ir.LazyTensor):
+    """A graph initializer whose data is produced from a source tensor when the graph is written, block by block."""
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+
+class WeightTensor(StreamedTensor):
+    """A source tensor converted to ``dtype`` (and transposed); read whole only if small, when the optimiser folds
+    an op over it."""
 
     def __init__(self, source: WeightSource, key: str, dtype: torch.dtype, transpose: bool = False,
                  name: str | None = None):
@@ -205,6 +214,33 @@ class WeightTensor(ir.LazyTensor):
         return self.source.blocks(self.key, self.torch_dtype, self.transpose)
 
 
+class QuantizedWeight(StreamedTensor):
+    """``W^T`` of the source weight ``key`` (``[N, K]``) quantized (``reference.quantize``): the integers
+    ``[K, N]`` (INT8, or INT4 packed two to a byte) or, with ``scales=True``, the scales ``[ceil(K / block), N]``
+    in ``scale_dtype``. The weight is read in fp32 a band of whole blocks at a time; the integers and the scales
+    each read it once, so neither holds more than a band."""
+
+    def __init__(self, source: WeightSource, key: str, quantization: WeightQuantization, scale_dtype: torch.dtype,
+                 scales: bool, name: str):
+        outputs, inputs = source.shape(key)
+        self.source, self.key, self.quantization, self.scale_dtype, self.scales = (
+            source, key, quantization, scale_dtype, scales)
+        if scales:
+            dtype, shape = _IR_DTYPES[scale_dtype], (quantization.blocks(inputs), outputs)
+        else:
+            dtype, shape = (ir.DataType.INT4 if quantization.bits == 4 else ir.DataType.INT8), (inputs, outputs)
+        super().__init__(self._refuse_whole_read, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+    def _refuse_whole_read(self) -> ir.Tensor:
+        raise RuntimeError(f"quantized weight {self.key} was read whole; it must be streamed")
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        outputs = self.source.shape(self.key)[0]
+        for band in self.source.blocks(self.key, torch.float32, True, align=self.quantization.block_size):
+            q, scale = self.quantization.quantize(band.reshape(-1, outputs), self.scale_dtype)
+            yield scale if self.scales else (pack_int4(q) if self.quantization.bits == 4 else q)
+
+
 def write_external_data(graph: ir.Graph, folder: Path, data_file: str) -> None:
     """Write every initializer of ``graph`` of at least ``INLINE_BYTES`` into ``folder/data_file``, in graph
     order, and make it an ``ir.ExternalTensor`` pointing there; smaller ones stay in the graph file."""
@@ -215,7 +251,7 @@ def write_external_data(graph: ir.Graph, folder: Path, data_file: str) -> None:
                                                      disable=None, leave=False) as progress:
         for value in values:
             tensor = value.const_value
-            if tensor.nbytes < INLINE_BYTES:
+            if tensor.nbytes < INLINE_BYTES and not isinstance(tensor, QuantizedWeight):
                 if isinstance(tensor, WeightTensor):
                     value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
                 progress.update(tensor.nbytes)
@@ -225,7 +261,7 @@ def write_external_data(graph: ir.Graph, folder: Path, data_file: str) -> None:
                 out.write(bytes(padding))
                 offset += padding
             begin = offset
-            for piece in (tensor.blocks() if isinstance(tensor, WeightTensor) else [tensor.numpy()]):
+            for piece in (tensor.blocks() if isinstance(tensor, StreamedTensor) else [tensor.numpy()]):
                 data = piece.numpy() if isinstance(piece, torch.Tensor) else piece
                 out.write(memoryview(np.ascontiguousarray(data)).cast("B"))
                 offset += data.nbytes
