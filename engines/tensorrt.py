@@ -351,7 +351,8 @@ class TensorRTEngine(Engine):
             key = (rows, slots)
             if decode and self._use_cuda_graphs and not changed:
                 # TensorRT needs one eager enqueue after any shape/address change before capture or replay is
-                # valid, which the `changed` step before this one did: each new (rows, bucket) runs once eagerly.
+                # valid, which the `changed` step before this one did: it leaves the context's host-side state at
+                # this (rows, bucket), which the graph of this same key replays. Each switch runs once eagerly.
                 if key not in state.graphs:
                     self._capture(bound, state, key)
                 if key in state.graphs:
