@@ -85,8 +85,8 @@ def test_loadtest_with_a_shared_prefix_reports_cached_tokens(tiny_artifact, caps
     assert level["requests"] == requests and level["prompt_tokens"] == requests * (shared + loadtest.OWN_PROMPT_TOKENS)
     assert 0 < level["completion_tokens"] <= requests * 3 and level["tokens_per_s"] > 0
     if prefix_cache_mb:
-        # At most the first two requests (concurrency 2) miss: the later ones start after a prefill stored the prefix.
-        assert level["cached_prompt_tokens"] in {2 * shared, 3 * shared, 4 * shared}
+        # The first request misses, the second may (concurrency 2); the later ones start after a prefill stored it.
+        assert level["cached_prompt_tokens"] in {2 * shared, 3 * shared}
     else:
         assert level["cached_prompt_tokens"] == 0
 
