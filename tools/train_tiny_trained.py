@@ -223,7 +223,7 @@ def main() -> None:
     (args.out / "TRAINING.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("trained %d steps in %.0fs: train loss %.3f, held-out perplexity %.2f", steps, seconds, train_loss,
              heldout_ppl)
-    log.info("greedy: %r", greedy(shipped, tokenizer, "The with statement", 48))
+    log.info("greedy: %r", greedy(shipped, tokenizer, 'The "with" statement is used to', 48))
     log.info("wrote %s", ", ".join(str(args.out / name) for name in FILES))
 
 
