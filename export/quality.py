@@ -23,6 +23,7 @@ Hugging Face's fixed-window perplexity with a stride equal to the window.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from engines.base import Engine
 
 __all__ = ["measure", "format_table", "default_tokens", "file_tokens", "QualityTolerance", "QUALITY_TOLERANCES",
            "TextError"]
+
+log = logging.getLogger(__name__)
 
 WINDOW = 128
 MAX_TOKENS = 512  # 4 windows of 128 tokens: 508 scored positions, 127 steps of each engine
@@ -49,23 +52,28 @@ class QualityTolerance:
 
 
 # The perplexity ratios are the issue's gates: int8 within 0.5% of the fp32 model, int4 (block 32) within 3%; int4
-# at block 64/128 is held to the same 3%. The top-1 and KL bounds were set from measurements of round-to-nearest
-# on this machine (defaults: 4 windows x 128 tokens of the held-out pydoc text), with room above the worst case:
+# at block 64/128 is held to the same 3%. They bound a loss of quality only (one-sided): a random model's perplexity
+# is noise that quantization moves either way, which the KL bound catches. The top-1 and KL bounds come from
+# round-to-nearest measured on this machine (4 windows x 128 tokens of the held-out pydoc text, accuracy level 1;
+# level 4 adds little), with room above the worst case that passes and far below the deliberately broken one:
 #
-#                               tiny (random)                     100m (random)
-#                        top-1    mean KL   ppl ratio      top-1    mean KL   ppl ratio
-#   int8 block 32/128   0.998    1.2e-6    1.00000      ...
-#   int4 block 32       0.945    4.6e-4    1.00003
-#   int4 block 128      0.915    7.8e-4    1.00004
-#   scales off by 2x    0.67     0.06      1.06        (the deliberately broken quantization of the tests)
+#                       tiny (random)                 tiny-trained (200 steps)      100m (random)
+#                       top-1  mean KL  ppl ratio     top-1  mean KL  ppl ratio     top-1  mean KL  ppl ratio
+#   int8 block 32       1.000  2.1e-05  1.0006        0.996  1.3e-05  1.0000        1.000  1.0e-04  1.0031
+#   int8 block 128      1.000  3.0e-05  1.0010        0.994  1.8e-05  1.0001
+#   int4 block 32       1.000  6.7e-03  0.9914        0.965  4.2e-03  1.0076        1.000  3.3e-02  1.0014
+#   int4 block 128      1.000  9.5e-03  0.9685        0.961  6.4e-03  1.0088        1.000  3.3e-02  0.9375
+#   int4 scales x2      0.016  1.2      3.08          0.811  1.8      1.91          0.002  10.9     12.9
 #
-# A random-weight model predicts nearly uniformly (perplexity near the vocabulary size), so its KL is small and
-# its argmax a near-tie that small errors flip: the top-1 bounds are set where random models of either size pass
-# round-to-nearest, and the KL bounds where the broken quantization fails by an order of magnitude. A trained
-# model is sharper: its KL grows and its top-1 rises, so the same bounds stay meaningful there.
+# KL: for a model that predicts its text well, the rise in log-perplexity is about the mean KL, so the int8 bound
+# is that of its perplexity gate, ln(1.005); int4's is 3x the worst round-to-nearest measured (a random 100m,
+# whose many confidently wrong predictions make its KL larger than a trained model's), still 10x below the broken
+# quantization. Top-1: the trained model is the one whose argmax is not a copy of its input (a random model with
+# tied embeddings mostly predicts the token it was given, a margin quantization rarely flips); the bounds sit
+# under the lowest it measured over 512 and 4096 tokens (int8 0.994, int4 0.950).
 QUALITY_TOLERANCES = {
-    8: QualityTolerance(perplexity_ratio=1.005, top1_agreement=0.98, mean_kl=1e-3),
-    4: QualityTolerance(perplexity_ratio=1.03, top1_agreement=0.85, mean_kl=1e-2),
+    8: QualityTolerance(perplexity_ratio=1.005, top1_agreement=0.98, mean_kl=5e-3),
+    4: QualityTolerance(perplexity_ratio=1.03, top1_agreement=0.90, mean_kl=0.1),
 }
 
 
@@ -78,6 +86,9 @@ def measure(reference: Engine, engine: Engine, tokens: list[int], bits: int | No
     figures without a gate. ``window`` is cut to the smaller ``max_context`` of the two engines.
     """
     windows = _windows(tokens, min(window, engine.spec.max_context, reference.spec.max_context), max_tokens)
+    if len(np.unique(windows)) == 1:
+        log.warning("the text is one token id repeated (%d): its tokenizer knows none of its words, so the figures "
+                    "say little about quality", windows[0, 0])
     rows_at_once = min(engine.spec.max_batch, reference.spec.max_batch)
     stats = _Stats()
     for start in range(0, len(windows), rows_at_once):

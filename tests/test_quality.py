@@ -106,6 +106,12 @@ def test_windows_are_spread_over_the_text_and_bounded():
     assert quality._windows(tokens[:10], 100, 512).tolist() == [tokens[:10]]  # a short text: one window of it all
 
 
+def test_a_text_of_one_repeated_token_is_warned_about(model, reference, caplog):
+    # A word-level tokenizer that knows none of the text's words maps all of it to its unknown token.
+    quality.measure(reference, ReferenceEngine(model, MAX_BATCH, MAX_CONTEXT), [0] * 16, 8, window=8, max_tokens=16)
+    assert "one token id repeated (0)" in caplog.text
+
+
 @pytest.mark.parametrize("bits,block_size", [(8, 32), (4, 32), (4, 128)])
 def test_round_to_nearest_artifacts_pass_their_quality_gate(model, reference, tokens, tmp_path, bits, block_size):
     with quantized_engine(model, tmp_path, WeightQuantization(bits, block_size)) as engine:
