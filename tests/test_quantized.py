@@ -112,6 +112,8 @@ def test_quantized_export_verifies_and_says_what_it_did(quantized_artifact, tiny
     assert section.weights == [*quantized_linear_weights(manifest.config["num_hidden_layers"]), "lm_head"]
     report = manifest.parity.reports["onnxruntime-cpu"]
     assert report["passed"] and report["rows"][0]["tolerance"].startswith("max_abs <=")
+    quality = report["quality"]  # against the unquantized reference, on held-out text
+    assert quality["passed"] and quality["bits"] == bits and quality["scored_positions"] > 0
     # The weights file shrinks as the arithmetic of engines.memory says (the tied embedding table stays fp32).
     data = manifest.files["model.onnx.data"].bytes
     expected = quantized_weight_bytes(manifest.config, "float32", bits, section.block_size)
@@ -164,6 +166,24 @@ def test_blocks_that_do_not_divide_the_inputs_are_exact(tmp_path, bits, block):
         errors = [np.abs(np.subtract(*step.logits)).max()
                   for step in teacher_forced([ReferenceEngine(model, 2, 32), engine], [[1, 2, 3, 4], [5, 6]], 4)]
     assert max(errors) < 1e-4
+
+
+def test_a_broken_quantization_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    """Scales written 2x too large (the reference's round trip unchanged): export must fail its verification."""
+    from export import weights_writer
+    from export.build import ExportError, ExportOptions, build
+
+    blocks = weights_writer.QuantizedWeight.blocks
+
+    def doubled_scales(self):
+        for piece in blocks(self):
+            yield piece * 2 if self.scales else piece
+
+    monkeypatch.setattr(weights_writer.QuantizedWeight, "blocks", doubled_scales)
+    with pytest.raises(ExportError, match="failed"):
+        build(ExportOptions(model="tiny", out=tmp_path / "broken", quantize="int4", engine="onnx", max_batch=2,
+                            max_context=64))
+    assert not list(tmp_path.iterdir())
 
 
 def test_quantize_flags_are_checked_before_any_work(tmp_path):
