@@ -57,6 +57,53 @@ def test_command_r_figures_the_issue_quotes():
                                  GPU_80GB).fits
 
 
+# The presets' shapes as their model cards publish them: hidden, intermediate, layers, heads, kv heads, vocab,
+# qk-norm. All three tie the LM head to the embedding.
+PUBLISHED_SHAPES = {
+    "command-r": (8192, 22528, 40, 64, 64, 256000, False),
+    "command-r-plus": (12288, 33792, 64, 96, 8, 256000, True),
+    "aya-23-8b": (4096, 14336, 32, 32, 8, 256000, False),
+}
+
+
+def readme_plan_rows() -> dict[str, list[str]]:
+    """The README's plan table: the preset name (first word of the first cell) -> the other cells."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].split(" ")[0] in PUBLISHED_SHAPES:
+            rows[cells[0].split(" ")[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_SHAPES))
+def test_readme_plan_for_the_presets_is_the_arithmetic_by_hand(preset):
+    """fp16, 8 rows of 8192 tokens on an 80 GB GPU: every figure worked out from the published shapes, against
+    the plan and the README's table."""
+    hidden, inter, layers, heads, kv_heads, vocab, qk_norm = PUBLISHED_SHAPES[preset]
+    head_dim = hidden // heads
+    per_layer = (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim  # q and o; k and v
+                 + 3 * hidden * inter + hidden + qk_norm * (heads + kv_heads) * head_dim)  # MLP; norm; qk-norm
+    weights = 2 * (vocab * hidden + layers * per_layer + hidden)  # fp16; the final norm
+    per_token = 2 * layers * kv_heads * head_dim * 2  # keys and values, fp16
+    activations = 512 * (4 * hidden + 2 * inter) * 2 + 4 * vocab  # a 512-token prefill chunk, fp32 logits
+    runtime = 2 * 2**30
+    total = weights + runtime + 8 * (8192 * per_token + activations)
+    room = GPU_80GB - weights - runtime
+    most_rows = max(0, room // (8192 * per_token + activations))
+    longest = max(0, (room // 8 - activations) // per_token)
+
+    plan = MemoryPlan.for_config(PRESETS[preset].config.to_dict(), "float16", max_batch=8, max_context=8192,
+                                 device="cuda", budget_bytes=GPU_80GB)
+    assert (plan.weight_bytes, plan.kv_bytes_per_token, plan.total_bytes()) == (weights, per_token, total)
+    assert (plan.fits, plan.largest_batch(), plan.largest_context()) == (total <= GPU_80GB, most_rows, longest)
+    weights_cell, token_cell, row_cell, total_cell, fits_cell, rows_cell, context_cell = readme_plan_rows()[preset]
+    assert weights_cell == f"{weights / 1e9:.1f} GB" and token_cell == f"{per_token / 1e6:.2f} MB"
+    assert row_cell == f"{8192 * per_token / 1e9:.1f} GB" and total_cell == f"{total / 1e9:.1f} GB"
+    assert fits_cell.startswith("yes" if total <= GPU_80GB else "no")
+    assert (rows_cell, context_cell) == (str(most_rows), str(longest))
+
+
 def test_weights_that_do_not_fit_are_named():
     plan = MemoryPlan.for_config(PRESETS["command-r-plus"].config.to_dict(), "float16", 1, 8192, "cuda", GPU_80GB)
     assert not plan.fits and "the weights alone (" in plan.refusal()
