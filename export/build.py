@@ -361,7 +361,7 @@ def _verify(artifact: Artifact, folder: Path, quantization: WeightQuantization |
              "" if quantization is None else f" with the same {quantization.name} weights", folder)
     config = CohereConfig.from_json_file(folder / "config.json")
     scale_dtype = getattr(torch, artifact.spec.dtype)
-    reference = StreamedReferenceEngine(folder, config, artifact.spec.max_batch, artifact.spec.max_context,
+    reference = StreamedReferenceEngine(folder, config, *parity.reference_bounds(artifact.spec),
                                         quantized=None if quantization is None else (quantization, scale_dtype))
     backends, unmeasured = ["onnxruntime"], {}
     if artifact.manifest.tensorrt.built:
@@ -397,7 +397,7 @@ def _quality(artifact: Artifact, folder: Path, config: CohereConfig, engine, qua
              ) -> dict:
     """A quantized engine against the unquantized fp32 reference (streamed too) on held-out text: top-1 agreement,
     mean KL and the perplexity ratio, each gated per mode (export/quality.py)."""
-    reference = StreamedReferenceEngine(folder, config, artifact.spec.max_batch, artifact.spec.max_context)
+    reference = StreamedReferenceEngine(folder, config, *parity.reference_bounds(artifact.spec))
     log.info("measuring the quality of %s against the unquantized reference on held-out text", quantization.name)
     try:
         tokens = quality.default_tokens(artifact.path("tokenizer.json"))

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from engines.base import Engine
+from engines.base import Engine, GraphSpec
 from engines.cli import configure_logging
 from engines.greedy import greedy, right_pad, teacher_forced
 
@@ -91,6 +91,17 @@ class ErrorStats:
     @property
     def max_rel(self) -> float:
         return self.max_abs / self.ref_max_abs if self.ref_max_abs else 0.0
+
+
+# The reference's own bounds when it verifies an artifact: the scenario below uses at most 3 rows and 25 slots,
+# export/quality.py 4 rows of 128-token windows. A reference sized like the artifact would allocate its whole fp32
+# cache (Command-R: 2.6 MB per token, 64 GB for 3 rows of 8192) to use a few hundred slots of it.
+REFERENCE_MAX_BATCH, REFERENCE_MAX_CONTEXT = 4, 256
+
+
+def reference_bounds(spec: GraphSpec) -> tuple[int, int]:
+    """``(max_batch, max_context)`` of the reference that verifies an engine of ``spec``."""
+    return min(spec.max_batch, REFERENCE_MAX_BATCH), min(spec.max_context, REFERENCE_MAX_CONTEXT)
 
 
 def scenario(vocab_size: int, max_batch: int, max_context: int, seed: int = 0) -> tuple[list[list[int]], int]:
@@ -218,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         config = CohereConfig.from_json_file(folder / "config.json")
         with open_engine(artifact, args.backend) as engine:
             spec = engine.spec
-            unquantized = StreamedReferenceEngine(folder, config, spec.max_batch, spec.max_context)
+            unquantized = StreamedReferenceEngine(folder, config, *reference_bounds(spec))
             if quantization is None:
                 reference, tolerance = unquantized, None
             else:
                 method = WeightQuantization(quantization.bits, quantization.block_size, quantization.method)
-                reference = StreamedReferenceEngine(folder, config, spec.max_batch, spec.max_context,
+                reference = StreamedReferenceEngine(folder, config, *reference_bounds(spec),
                                                     quantized=(method, getattr(torch, quantization.scale_dtype)))
                 # The accuracy level is ONNX Runtime CPU's: only there do its kernels quantize the activations.
                 tolerance = tolerance_for(spec.dtype, engine.backend == "onnxruntime-cpu"

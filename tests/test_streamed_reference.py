@@ -68,3 +68,21 @@ def layer_bytes(config: CohereConfig) -> int:
     dims = config_dims(config)
     return sum(4 * int(np.prod([dims[d] for d in shape])) for name, shape in expected_tensors(config).items()
                if name.startswith("model.layers.0."))
+
+
+def test_verification_sizes_the_reference_cache_to_what_it_uses(tmp_path, monkeypatch):
+    """The reference's fp32 cache is allocated whole: sized like the artifact it would be 2.6 MB per token per row
+    at Command-R's size. Verification uses at most 4 rows and 256 slots, so that is all it allocates."""
+    from export import build as build_module
+    from export.build import ExportOptions, build
+
+    sizes = []
+
+    class Recording(build_module.StreamedReferenceEngine):
+        def __init__(self, folder, config, max_batch, max_context, **kw):
+            sizes.append((max_batch, max_context))
+            super().__init__(folder, config, max_batch, max_context, **kw)
+
+    monkeypatch.setattr(build_module, "StreamedReferenceEngine", Recording)
+    build(ExportOptions(model="tiny", out=tmp_path / "art", engine="onnx", max_batch=8, max_context=1024))
+    assert sizes == [(4, 256)]
