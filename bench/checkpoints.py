@@ -82,10 +82,12 @@ class ExportRun:
     weight_bytes: int
 
 
-def export(folder: Path, out: Path) -> ExportRun:
-    """``python -m export`` of ``folder`` into ``out`` (fp32, ONNX only, parity verified), timed as a subprocess."""
+def export(folder: Path, out: Path, options: list[str] | tuple[str, ...] = ()) -> ExportRun:
+    """``python -m export`` of ``folder`` into ``out`` (fp32 unless ``options`` say otherwise, ONNX only, parity
+    verified), timed as a subprocess. ``options``: more arguments of ``python -m export`` (the last of a repeated
+    option wins, as argparse takes it)."""
     command = [sys.executable, "-m", "export", "--model", str(folder), "--out", str(out), "--dtype", "float32",
-               "--max-batch", str(MAX_BATCH), "--max-context", str(MAX_CONTEXT), "--engine", "onnx"]
+               "--max-batch", str(MAX_BATCH), "--max-context", str(MAX_CONTEXT), "--engine", "onnx", *options]
     log.info("exporting: %s", " ".join(command[1:]))
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
