@@ -40,6 +40,26 @@ def weight_count(config: dict) -> int:
     return embedding + layers * per_layer + hidden + lm_head
 
 
+def quantized_weight_bytes(config: dict, dtype: str, bits: int, block_size: int) -> int:
+    """Bytes of an artifact whose projections are ``bits``-bit integers with one ``dtype`` scale per ``block_size``
+    inputs (reference/quantize.py): the embedding table and the norms stay in ``dtype``, and the LM head is a
+    quantized copy of the embedding when tied."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = hidden // heads
+
+    def quantized(inputs: int, outputs: int) -> int:
+        return -(-inputs * outputs * bits // 8) + -(-inputs // block_size) * outputs * DTYPE_BYTES[dtype]
+
+    per_layer = (quantized(hidden, heads * head_dim) * 2 + quantized(hidden, kv_heads * head_dim) * 2
+                 + quantized(hidden, inter) * 2 + quantized(inter, hidden))
+    projections = layers * per_layer + quantized(hidden, config["vocab_size"])
+    floats = weight_count(config) - layers * hidden * (2 * heads * head_dim + 2 * kv_heads * head_dim + 3 * inter)
+    if not config.get("tie_word_embeddings", True):
+        floats -= config["vocab_size"] * hidden  # the untied head is quantized, not kept
+    return projections + floats * DTYPE_BYTES[dtype]
+
+
 def kv_bytes_per_token(config: dict, dtype: str) -> int:
     """Keys and values of one token, every layer."""
     head_dim = config["hidden_size"] // config["num_attention_heads"]

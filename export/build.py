@@ -27,15 +27,17 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from engines import Artifact, EngineError, open_engine, tensorrt_unusable_reason
-from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph, Manifest, Parity, Source, TensorRT,
-                              sha256_file)
+from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph, Manifest, Parity, Quantization,
+                              Source, TensorRT, sha256_file)
 from engines.base import LIMITS, GraphSpec
-from engines.memory import MemoryPlan, default_budget
+from engines.memory import MemoryPlan, default_budget, quantized_weight_bytes
 from reference import CohereConfig, resolve_checkpoint
+from reference.quantize import WeightQuantization, quantized_linear_weights
 from reference.weights import check_checkpoint
 
 from . import parity
@@ -68,11 +70,31 @@ class ExportOptions:
     engine: str = "auto"
     verify: bool = True
     memory_budget: int | None = None  # bytes the artifact may use where it runs; None: free memory less a margin
+    quantize: str | None = None  # "int8" or "int4": weight-only quantization of the projections
+    block_size: int | None = None  # inputs per scale; None: DEFAULT_BLOCK_SIZE of the mode
+    ort_accuracy_level: int = 4  # ONNX Runtime's MatMulNBits activations: 4 int8 (fast), 1 fp32
+
+    def quantization(self) -> WeightQuantization | None:
+        if self.quantize is None:
+            return None
+        if self.quantize not in QUANTIZE_MODES:
+            raise ExportError(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+        block = self.block_size or DEFAULT_BLOCK_SIZE[self.quantize]
+        try:
+            return WeightQuantization(bits=QUANTIZE_MODES[self.quantize], block_size=block)
+        except ValueError as e:
+            raise ExportError(f"--block-size {block}: {e}") from None
 
 
-def default_out(model: str, dtype: str) -> Path:
+QUANTIZE_MODES = {"int8": 8, "int4": 4}
+# int4 loses more per block than int8, so it takes the finer default; 128 makes int8's scales 3% of its bytes.
+DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
+ORT_ACCURACY_LEVELS = (1, 4)
+
+
+def default_out(model: str, dtype: str, quantize: str | None = None) -> Path:
     name = Path(model.rstrip("/")).name if Path(model).is_dir() else model.split("/")[-1]
-    return Path("build") / f"{name}-{dtype}"
+    return Path("build") / f"{name}-{dtype}{f'-{quantize}' if quantize else ''}"
 
 
 def model_context_limit(config: CohereConfig, tokenizer_config: dict) -> int:
@@ -168,7 +190,12 @@ def build(opts: ExportOptions) -> Path:
         raise ExportError(f"--memory-budget {opts.memory_budget}: must be a positive number of bytes")
     if opts.max_context < 2:
         raise ExportError(f"--max-context {opts.max_context}: must be at least 2")
-    out = Path(opts.out or default_out(opts.model, opts.dtype)).absolute()
+    if opts.block_size is not None and opts.quantize is None:
+        raise ExportError(f"--block-size {opts.block_size}: applies only with --quantize int8 or int4")
+    if opts.ort_accuracy_level not in ORT_ACCURACY_LEVELS:
+        raise ExportError(f"--ort-accuracy-level {opts.ort_accuracy_level}: choose 1 (fp32 activations) or 4 (int8)")
+    opts.quantization()  # refuses a bad mode or block size before any work
+    out = Path(opts.out or default_out(opts.model, opts.dtype, opts.quantize)).absolute()
     if out.is_symlink():
         raise ExportError(f"--out {out}: is a symlink; pass the folder itself")
     if out.exists() and not out.is_dir():
@@ -194,9 +221,8 @@ def _build_checked(opts: ExportOptions, started: float, out: Path, folder: Path,
                           "(max_position_embeddings / model_max_length)")
     files = check_checkpoint(folder, config)  # tensor names and shapes against the config, from the headers
     weight_bytes = sum(p.stat().st_size for p in set(files.values()))
-    _check_disk(out.parent, weight_bytes * (1 if opts.dtype == "float16" else 2))
-
     memory = memory_plan(config, opts)
+    _check_disk(out.parent, memory.weight_bytes)
     print(memory.table())
     try:
         spec = GraphSpec(num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
@@ -215,7 +241,7 @@ def _build_checked(opts: ExportOptions, started: float, out: Path, folder: Path,
             _write_manifest(tmp, sections, Parity(skipped="verification did not finish"), _build_info(
                 started, weight_bytes), artifact_files)
             if opts.verify:  # through the same Artifact and open_engine a server uses
-                parity_section = _verify(Artifact.open(tmp, verify=False), folder)
+                parity_section = _verify(Artifact.open(tmp, verify=False), folder, opts.quantization())
             else:
                 parity_section = Parity(skipped="--skip-verify")
             _write_manifest(tmp, sections, parity_section, _build_info(started, weight_bytes), artifact_files)
@@ -241,7 +267,11 @@ def memory_plan(config: CohereConfig, opts: ExportOptions) -> MemoryPlan:
     what would fit) when it cannot fit the budget; ``max_batch=None`` takes the largest batch that fits."""
     device = target_device(opts.engine)
     budget = opts.memory_budget if opts.memory_budget is not None else default_budget(device)
-    plan = MemoryPlan.for_config(config.to_dict(), opts.dtype, opts.max_batch or 1, opts.max_context, device, budget)
+    quantization = opts.quantization()
+    weight_bytes = None if quantization is None else quantized_weight_bytes(
+        config.to_dict(), opts.dtype, quantization.bits, quantization.block_size)
+    plan = MemoryPlan.for_config(config.to_dict(), opts.dtype, opts.max_batch or 1, opts.max_context, device, budget,
+                                 weight_bytes)
     if opts.max_batch is None:
         if budget is None:
             raise ExportError(f"--max-batch auto: the free memory of {device} cannot be told here; pass "
@@ -267,9 +297,11 @@ def _build_info(started: float, weight_bytes: int) -> Build:
 
 def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConfig, spec: GraphSpec) -> dict:
     weights = CheckpointWeights(folder, config)  # refuses missing, misshapen or quantized tensors before any work
+    quantization = opts.quantization()
     log.info("tracing the decoder to ONNX (opset %d, static cache of %d tokens) and streaming the %s weights",
-             OPSET, spec.max_context, opts.dtype)
-    export_graph(config, weights, spec, tmp)
+             OPSET, spec.max_context, opts.dtype if quantization is None else
+             f"{quantization.name} (block {quantization.block_size}, {opts.dtype} scales)")
+    export_graph(config, weights, spec, tmp, quantization)
 
     for name in CHECKPOINT_FILES:
         if (folder / name).exists():
@@ -290,6 +322,10 @@ def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConf
         graph=Graph(spec=spec, opset=OPSET, onnx_file=ONNX_FILE, **spec.io()),
         tensorrt=tensorrt,
         tools=_tool_versions(),
+        quantization=None if quantization is None else Quantization(
+            method=quantization.method, bits=quantization.bits, block_size=quantization.block_size,
+            scale_dtype=opts.dtype, weights=[*quantized_linear_weights(config.num_hidden_layers), "lm_head"],
+            onnxruntime_accuracy_level=opts.ort_accuracy_level),
     )
 
 
@@ -312,15 +348,21 @@ def _maybe_build_tensorrt(tmp: Path, opts: ExportOptions, spec: GraphSpec) -> Te
     return TensorRT(plan=tensorrt_build.build_plan(tmp / ONNX_FILE, spec, tmp))
 
 
-def _verify(artifact: Artifact, folder: Path) -> Parity:
+def _verify(artifact: Artifact, folder: Path, quantization: WeightQuantization | None) -> Parity:
     """Parity of every engine that can run here, keyed by backend; a plan that cannot run says why. Engines are
     opened by ``open_engine`` from the finished folder, exactly as a server opens them, one after the other, each
     closed before the next opens. The fp32 reference streams its weights from the checkpoint one layer at a time,
     so verifying costs what running the artifact costs plus the largest layer in fp32 (recorded in each report's
-    ``reference`` entry)."""
-    log.info("verifying parity against the fp32 reference, streamed layer by layer from %s", folder)
+    ``reference`` entry).
+
+    A quantized artifact is held exact against the reference running the same dequantized weights (with the
+    bound of int8 activations where ONNX Runtime CPU quantizes them)."""
+    log.info("verifying parity against the fp32 reference%s, streamed layer by layer from %s",
+             "" if quantization is None else f" with the same {quantization.name} weights", folder)
     config = CohereConfig.from_json_file(folder / "config.json")
-    reference = StreamedReferenceEngine(folder, config, artifact.spec.max_batch, artifact.spec.max_context)
+    scale_dtype = getattr(torch, artifact.spec.dtype)
+    reference = StreamedReferenceEngine(folder, config, artifact.spec.max_batch, artifact.spec.max_context,
+                                        quantized=None if quantization is None else (quantization, scale_dtype))
     backends, unmeasured = ["onnxruntime"], {}
     if artifact.manifest.tensorrt.built:
         why = tensorrt_unusable_reason(artifact)
@@ -335,8 +377,11 @@ def _verify(artifact: Artifact, folder: Path) -> Parity:
             engine = open_engine(artifact, backend)
         except EngineError as e:
             raise ExportError(f"the exported artifact does not open on {backend}: {e}") from None
+        int8_activations = (quantization is not None and engine.backend == "onnxruntime-cpu"
+                            and artifact.manifest.quantization.onnxruntime_accuracy_level == 4)
         with engine:
-            report = parity.measure(reference, engine)
+            report = parity.measure(reference, engine, tolerance=parity.tolerance_for(artifact.spec.dtype,
+                                                                                      int8_activations))
         print(parity.format_table(report))
         if not report["passed"]:
             failed = ", ".join(r["output"] for r in report["rows"] if not r["passed"])
