@@ -40,7 +40,7 @@ from reference import CohereConfig, resolve_checkpoint
 from reference.quantize import WeightQuantization, quantized_linear_weights
 from reference.weights import check_checkpoint
 
-from . import parity
+from . import parity, quality
 from .onnx_graph import ONNX_FILE, OPSET, export_graph
 from .reference_engine import StreamedReferenceEngine
 from .weights_writer import CheckpointWeights
@@ -382,17 +382,39 @@ def _verify(artifact: Artifact, folder: Path, quantization: WeightQuantization |
         with engine:
             report = parity.measure(reference, engine, tolerance=parity.tolerance_for(artifact.spec.dtype,
                                                                                       int8_activations))
-        print(parity.format_table(report))
-        if not report["passed"]:
-            failed = ", ".join(r["output"] for r in report["rows"] if not r["passed"])
-            raise ExportError(f"{engine.backend} parity check failed ({failed}) past the {artifact.spec.dtype} "
-                              "tolerance; nothing was written. Use --skip-verify to write the artifact anyway "
-                              "(recorded in its manifest).")
+            print(parity.format_table(report))
+            _refuse_failed(report, f"{engine.backend} parity check", f"the {artifact.spec.dtype} tolerance")
+            if quantization is not None:
+                report["quality"] = _quality(artifact, folder, config, engine, quantization)
         report["reference"] = {"mode": "streamed", "largest_resident_bytes": reference.largest_resident_bytes}
         log.info("verified %s; the streamed reference held at most %.1f MB of fp32 weights at once",
                  engine.backend, reference.largest_resident_bytes / 1e6)
         reports[engine.backend] = report
     return Parity(reports=reports, unmeasured=unmeasured)
+
+
+def _quality(artifact: Artifact, folder: Path, config: CohereConfig, engine, quantization: WeightQuantization
+             ) -> dict:
+    """A quantized engine against the unquantized fp32 reference (streamed too) on held-out text: top-1 agreement,
+    mean KL and the perplexity ratio, each gated per mode (export/quality.py)."""
+    reference = StreamedReferenceEngine(folder, config, artifact.spec.max_batch, artifact.spec.max_context)
+    log.info("measuring the quality of %s against the unquantized reference on held-out text", quantization.name)
+    try:
+        tokens = quality.default_tokens(artifact.path("tokenizer.json"))
+    except quality.TextError as e:
+        raise ExportError(f"cannot measure the quality of the quantized artifact: {e}") from None
+    report = quality.measure(reference, engine, tokens, quantization.bits)
+    print(quality.format_table(report))
+    _refuse_failed(report, f"{engine.backend} {quantization.name} quality check",
+                   f"the {quantization.name} quality gate")
+    return report
+
+
+def _refuse_failed(report: dict, what: str, bound: str) -> None:
+    if not report["passed"]:
+        failed = ", ".join(r["output"] for r in report["rows"] if not r["passed"])
+        raise ExportError(f"{what} failed ({failed}) past {bound}; nothing was written. Use --skip-verify to write "
+                          "the artifact anyway (recorded in its manifest).")
 
 
 def _artifact_files(tmp: Path) -> dict[str, FileEntry]:

@@ -174,31 +174,78 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pathlib import Path
+
     from engines import BACKENDS, Artifact, ArtifactError, EngineError, open_engine
-    from reference import CheckpointError, ConfigError, ModelNotFoundError
+    from reference import CheckpointError, CohereConfig, ConfigError, ModelNotFoundError, resolve_checkpoint
+    from reference.quantize import WeightQuantization
+
+    from . import quality
+    from .reference_engine import StreamedReferenceEngine
 
     parser = argparse.ArgumentParser(
         prog="python -m export.parity",
         description="Re-measure an artifact against the reference model on any available backend; prints a "
-                    "per-output error table and exits 1 past the tolerance for the artifact's dtype.")
+                    "per-output error table and exits 1 past the tolerance for the artifact's dtype. A quantized "
+                    "artifact is measured twice: for exactness against the reference running the same dequantized "
+                    "weights, and for quality (top-1 agreement, KL divergence, perplexity) against the unquantized "
+                    "reference on held-out text.")
     parser.add_argument("artifact", help="artifact folder written by `python -m export`")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="engine to measure (default: auto)")
     parser.add_argument("--model", help="checkpoint for the reference (default: the artifact's source, as "
                                         "recorded in its manifest)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt tokens (default: 0)")
+    parser.add_argument("--perplexity", metavar="FILE", type=Path,
+                        help="measure quality and perplexity on this UTF-8 text file, for any artifact, quantized or "
+                             "not (default: quantized artifacts only, on held-out Python documentation text)")
+    parser.add_argument("--max-tokens", type=int, default=quality.MAX_TOKENS,
+                        help=f"tokens of the text to score, in windows of {quality.WINDOW} spread over it "
+                             f"(default: {quality.MAX_TOKENS})")
     args = parser.parse_args(argv)
+    if args.max_tokens < 2:
+        parser.error(f"--max-tokens {args.max_tokens}: must be at least 2")
     configure_logging(verbose=False, loggers=("reference", "export", "engines"))
     try:
         artifact = Artifact.open(args.artifact)
-        engine = open_engine(artifact, args.backend)
-        reference = ReferenceEngine.load(args.model or artifact.manifest.source.model, engine.spec.max_batch,
-                                         engine.spec.max_context)
-        report = measure(reference, engine, args.seed)
+        tokenizer = artifact.path("tokenizer.json")
+        tokens = quality.file_tokens(args.perplexity, tokenizer) if args.perplexity else None  # refused first
+        quantization = artifact.manifest.quantization
+        if quantization is not None and tokens is None:
+            tokens = quality.default_tokens(tokenizer)
+        # The fp32 reference streamed layer by layer from the checkpoint, as export's verification runs it: the
+        # check costs what running the artifact costs, not a whole fp32 copy of the model.
+        folder = resolve_checkpoint(args.model or artifact.manifest.source.model)
+        config = CohereConfig.from_json_file(folder / "config.json")
+        with open_engine(artifact, args.backend) as engine:
+            spec = engine.spec
+            unquantized = StreamedReferenceEngine(folder, config, spec.max_batch, spec.max_context)
+            if quantization is None:
+                reference, tolerance = unquantized, None
+            else:
+                method = WeightQuantization(quantization.bits, quantization.block_size, quantization.method)
+                reference = StreamedReferenceEngine(folder, config, spec.max_batch, spec.max_context,
+                                                    quantized=(method, getattr(torch, quantization.scale_dtype)))
+                # The accuracy level is ONNX Runtime CPU's: only there do its kernels quantize the activations.
+                tolerance = tolerance_for(spec.dtype, engine.backend == "onnxruntime-cpu"
+                                          and quantization.onnxruntime_accuracy_level == 4)
+            report = measure(reference, engine, args.seed, tolerance)
+            quality_report = None
+            if tokens is not None:
+                quality_report = quality.measure(unquantized, engine, tokens, quantization and quantization.bits,
+                                                 max_tokens=args.max_tokens)
     except (ArtifactError, EngineError, ConfigError, CheckpointError, ModelNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if quantization is not None:
+        print(f"exactness against the reference with the same int{quantization.bits} weights "
+              f"(block {quantization.block_size}, ONNX Runtime accuracy level "
+              f"{quantization.onnxruntime_accuracy_level}):")
     print(format_table(report))
-    return 0 if report["passed"] else 1
+    passed = report["passed"]
+    if quality_report is not None:
+        print(quality.format_table(quality_report))
+        passed = passed and quality_report["passed"]
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
