@@ -36,6 +36,10 @@ SIZES: dict[str, CohereConfig] = {
                          bos_token_id=5, eos_token_id=9, pad_token_id=0),
 }
 
+# Whether a size's tokenizer reads text: tiny's byte-level BPE does; the word-level test tokenizer written for the
+# others (``_write_tokenizer``) reads every word as one unknown token.
+TEXT_TOKENIZER = {"tiny": True, "100m": False}
+
 # The artifacts every size is exported to: batch 16 and 2048-token prompts plus 256 generated tokens.
 MAX_BATCH = 16
 MAX_CONTEXT = 2304

@@ -98,6 +98,7 @@ def convert(checkpoint: Path, source: Path, out: Path) -> dict:
         path = out / f"model-{name}.gguf"
         if not path.exists():
             partial = out / f"model-{name}.gguf.partial"
+            _keep_errors_only(llama_cpp)
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
             params.nthread = os.cpu_count() or 1
@@ -105,7 +106,8 @@ def convert(checkpoint: Path, source: Path, out: Path) -> dict:
             status = llama_cpp.llama_model_quantize(str(f32).encode(), str(partial).encode(), ctypes.byref(params))
             if status != 0:
                 partial.unlink(missing_ok=True)
-                raise RuntimeError(f"llama_model_quantize {f32} -> {name} failed (status {status})")
+                raise RuntimeError(f"llama_model_quantize {f32} -> {name} failed (status {status}): "
+                                   f"{' '.join(_errors[-3:]) or 'no error logged'}")
             partial.rename(path)
             seconds[name] = time.perf_counter() - started
         files[name] = path
@@ -113,6 +115,12 @@ def convert(checkpoint: Path, source: Path, out: Path) -> dict:
                                                            ((k, p.stat().st_size) for k, p in files.items())))
     return {"files": {k: str(v) for k, v in files.items()}, "seconds": seconds,
             "bytes": {k: v.stat().st_size for k, v in files.items()}}
+
+
+# llama.cpp's OpenMP threads spin while they wait for work. On a shared machine whose cores other jobs also use, a
+# spinning thread takes the core its own process's worker needs: measured here with other jobs running, Q8_0 decoded
+# 1.3 tokens/s spinning and 20 passive. Passive waiting is the setting that favours llama.cpp on such a machine.
+ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class LlamaCpp:
@@ -128,14 +136,15 @@ class LlamaCpp:
 
         self.lib = llama_cpp
         llama_cpp.llama_backend_init()
-        global _quiet_log
-        if _quiet_log is None:  # kept at module level: ctypes callbacks must outlive every call that may log
-            _quiet_log = llama_cpp.llama_log_callback(_log_nothing)
-        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        _keep_errors_only(llama_cpp)
         params = llama_cpp.llama_model_default_params()
+        # No extra buffer types (AMX, weight repacking): on a CPU with AMX, llama-cpp-python 0.3.36 built with
+        # GGML_NATIVE dies of an illegal instruction (tileloadd) in its AMX kernels on the first Q8_0 or Q4_K
+        # product; llama.cpp then runs its plain AVX-512/AVX2 kernels, somewhat slower than with repacked weights.
+        params.use_extra_bufts = False
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
+            raise RuntimeError(f"llama.cpp could not load {path}: {' '.join(_errors[-3:]) or 'no error logged'}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.threads = threads
         self.n_ctx_per_row = n_ctx_per_row
@@ -198,8 +207,20 @@ class LlamaCpp:
         self.lib.llama_model_free(self.model)
 
 
-_quiet_log = None
+# llama.cpp logs every load and quantization at length to stderr; the benchmark's own log says what ran. Its errors
+# are kept, to say why a file did not load. The callback lives at module level: ctypes callbacks must outlive every
+# call into the library that may log.
+_GGML_LOG_LEVEL_ERROR = 4
+_errors: list[str] = []
+_log_callback = None
 
 
-def _log_nothing(level, text, user_data):
-    """llama.cpp logs every load to stderr at length; the benchmark's own log says what ran."""
+def _keep_errors_only(llama_cpp) -> None:
+    global _log_callback
+    if _log_callback is None:
+        def keep(level, text, user_data):
+            if level == _GGML_LOG_LEVEL_ERROR:
+                _errors.append(text.decode(errors="replace").strip())
+
+        _log_callback = llama_cpp.llama_log_callback(keep)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))

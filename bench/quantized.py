@@ -14,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from engines import Artifact
 
@@ -98,8 +101,16 @@ def _parity_summary(parity) -> dict | None:
                         for backend, report in parity.reports.items()}}
 
 
+class WorkerError(RuntimeError):
+    """The runtime could not load or run its file (the worker said why in one line)."""
+
+
 def run_worker(spec: dict) -> dict:
-    result = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec)], capture_output=True, text=True)
+    environment = os.environ | (llamacpp.ENVIRONMENT if spec["runtime"] == "llama.cpp" else {})
+    result = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec)], capture_output=True, text=True,
+                            env=environment)
+    if result.returncode == 1 and result.stderr.startswith("error: "):
+        raise WorkerError(result.stderr.removeprefix("error: ").strip())
     if result.returncode != 0:
         raise RuntimeError(f"bench.worker {spec['runtime']} {spec['path']} failed (exit {result.returncode}):\n"
                            f"{result.stderr[-4000:]}")
@@ -135,10 +146,22 @@ def bench_size(size: str, folder: Path, out: Path, fp32_artifact: Path, plan: Pl
     n_ctx_per_row = max(plan.ttft_prompt, plan.decode_prompt) + plan.decode_new_tokens + 8
     results: dict[str, list] = {name: [] for name in runtimes}
     for repeat in range(repeats):
-        for name, runtime in runtimes.items():
+        for name, runtime in list(runtimes.items()):
+            if name not in runtimes:
+                continue
             spec = {**runtime, "vocab_size": vocab, "threads": LLAMA_CPP_THREADS, "n_ctx_per_row": n_ctx_per_row,
                     "scenarios": plan.scenarios(), "warmup_prompt": plan.decode_prompt}
-            measured = run_worker(spec)
+            try:
+                measured = run_worker(spec)
+            except WorkerError as e:
+                if runtime["runtime"] != "llama.cpp":
+                    raise
+                # llama.cpp converted the checkpoint but cannot run it: the peer is skipped, saying why.
+                log.warning("%s: llama.cpp skipped: %s", size, e)
+                peer = {"skipped": f"{name}: {e}"}
+                for dropped in [n for n, r in runtimes.items() if r["runtime"] == "llama.cpp"]:
+                    del runtimes[dropped], results[dropped]
+                continue
             results[name].append(measured)
             b1 = next(r for r in measured["runs"] if r["kind"] == "decode" and r["batch"] == 1)
             log.info("%s repeat %d/%d, %s: %.1f tok/s at batch 1, RSS %.0f MB", size, repeat + 1, repeats, name,
@@ -154,22 +177,44 @@ def bench_size(size: str, folder: Path, out: Path, fp32_artifact: Path, plan: Pl
     # Where a quantized step goes, beside the fp32 profile of the same size.
     summary["profiles"] = {v.name: decode_step_profile(Path(variants[v.name]["artifact"]), out, plan.decode_prompt)
                            for v in VARIANTS if v.timed and v.name != "fp32"}
-    summary["quality"] = measure_quality(folder, variants)
+    summary["quality"] = measure_quality(size, folder, variants, quick)
     summary["runs"] = results
     summary["plan"] = dataclasses.asdict(plan)
     return summary
 
 
-def measure_quality(checkpoint: Path, variants: dict[str, dict]) -> dict:
-    """KL divergence and top-1 agreement of every variant against the unquantized reference (``export.quality``).
-    HOOK: export/quality.py is not in this checkout yet; until it is, the quality rows say so instead of showing
-    numbers."""
-    try:
-        from export import quality  # noqa: F401
-    except ImportError:
-        return {"skipped": "export/quality.py (KL, top-1 and perplexity against the unquantized reference) is not in "
-                           "this checkout"}
-    return {"skipped": "export/quality.py is present but the benchmark does not call it yet"}
+def measure_quality(size: str, checkpoint: Path, variants: dict[str, dict], quick: bool) -> dict:
+    """Every variant (fp32 too, as the check that the measure reads 0 where nothing changed) against the unquantized
+    fp32 reference, teacher-forced through the same tokens: top-1 agreement, mean KL and the perplexity ratio
+    (``export.quality``, as export's quality gate measures them). The tokens are the held-out Python documentation
+    text where the checkpoint's tokenizer reads text, else random ids (see ``checkpoints.TEXT_TOKENIZER``)."""
+    import torch
+
+    from engines import open_engine
+    from export import quality
+    from export.reference_engine import ReferenceEngine
+
+    if checkpoints.TEXT_TOKENIZER[size]:
+        tokens = quality.default_tokens(checkpoint / "tokenizer.json")
+        text = "held-out Python documentation text (reference.corpus)"
+    else:
+        tokens = np.random.default_rng(0).integers(0, checkpoints.SIZES[size].vocab_size, quality.MAX_TOKENS).tolist()
+        text = ("random token ids (this checkpoint's word-level test tokenizer reads any text as one unknown "
+                "token)")
+    max_tokens = quality.WINDOW if quick else quality.MAX_TOKENS
+    # Loaded whole (not streamed): it runs once per variant, and its cache holds one batch of windows only.
+    reference = ReferenceEngine.load(checkpoint, max_tokens // quality.WINDOW, quality.WINDOW, torch.float32)
+    reports = {}
+    for name, variant in variants.items():
+        artifact = Artifact.open(variant["artifact"])
+        bits = artifact.manifest.quantization and artifact.manifest.quantization.bits
+        with open_engine(artifact, "onnxruntime-cpu") as engine:
+            reports[name] = quality.measure(reference, engine, tokens, bits, max_tokens=max_tokens)
+        figures = {r["output"]: r["value"] for r in reports[name]["rows"]}
+        log.info("%s %s quality: top-1 %.4f, mean KL %.3g, perplexity %.4f (reference %.4f)", size, name,
+                 figures["top1_agreement"], figures["mean_kl"], reports[name]["perplexity"],
+                 reports[name]["reference_perplexity"])
+    return {"text": text, "reports": reports}
 
 
 def _stats(values: list[float]) -> dict:

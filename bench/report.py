@@ -261,4 +261,16 @@ def quantized_markdown(name: str, q: dict) -> list[str]:
 def quality_markdown(quality: dict) -> list[str]:
     if "skipped" in quality:
         return [f"Quality: not measured: {quality['skipped']}"]
-    return ["Quality (against the unquantized reference):", "", "```", str(quality), "```"]
+    first = next(iter(quality["reports"].values()))
+    lines = [f"Quality against the unquantized fp32 reference (export/quality.py), teacher-forced through "
+             f"{first['windows']} windows of {first['window_tokens']} tokens of {quality['text']}; "
+             f"reference perplexity {first['reference_perplexity']:.2f}:", "",
+             "| artifact | top-1 agreement | mean KL (nats) | perplexity | vs reference | export's gate |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, report in quality["reports"].items():
+        rows = {r["output"]: r for r in report["rows"]}
+        gate = "none" if report["bits"] is None else ("pass" if report["passed"] else "FAIL") + " (" + ", ".join(
+            f"{r['tolerance']}" for r in report["rows"]) + ")"
+        lines.append(f"| {name} | {rows['top1_agreement']['value']:.4f} | {rows['mean_kl']['value']:.2e} | "
+                     f"{report['perplexity']:.3f} | {(rows['perplexity_ratio']['value'] - 1) * 100:+.3f}% | {gate} |")
+    return lines
