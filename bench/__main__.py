@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     results["sizes"] = {size: bench_size(size, plan, args.repeats, args.out, not args.no_transformers,
                                          quantized_plan, args.quick, llama_cpp_source)
                         for size in args.sizes}
+    results["trained"] = quantized.trained_model(args.out, args.quick)
     report.summarise(results)
     results["wall_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -67,11 +67,12 @@ class Plan:
                 + [["decode", b, self.decode_prompt, self.decode_new_tokens] for b in sorted(self.batches)])
 
 
-FULL = Plan(ttft_prompt=512, decode_prompt=64, decode_new_tokens=64, batches=(1, 16))
+FULL = Plan(ttft_prompt=512, decode_prompt=64, decode_new_tokens=32, batches=(1, 16))
 QUICK = Plan(ttft_prompt=256, decode_prompt=32, decode_new_tokens=6, batches=(1, 4))
 
 
-def export_variants(size: str, folder: Path, out: Path, fp32_artifact: Path, quick: bool) -> dict[str, dict]:
+def export_variants(size: str, folder: Path, out: Path, fp32_artifact: Path, quick: bool,
+                    shape_options: tuple[str, ...] = ()) -> dict[str, dict]:
     """Every variant's artifact (fp32: the benchmark's own), its bytes and the export's time and peak memory.
     Under ``--quick`` the quantized exports skip verification: the smoke test checks the plumbing, not the numbers."""
     exported = {}
@@ -80,7 +81,7 @@ def export_variants(size: str, folder: Path, out: Path, fp32_artifact: Path, qui
             artifact, export = fp32_artifact, None
         else:
             artifact = out / "artifacts" / f"{size}-{variant.name}"
-            options = list(variant.export_options) + (["--skip-verify"] if quick else [])
+            options = [*shape_options, *variant.export_options] + (["--skip-verify"] if quick else [])
             export = dataclasses.asdict(checkpoints.export(folder, artifact, options))
             log.info("%s %s: exported in %.0f s", size, variant.name, export["seconds"])
         manifest = Artifact.open(artifact).manifest
@@ -177,13 +178,15 @@ def bench_size(size: str, folder: Path, out: Path, fp32_artifact: Path, plan: Pl
     # Where a quantized step goes, beside the fp32 profile of the same size.
     summary["profiles"] = {v.name: decode_step_profile(Path(variants[v.name]["artifact"]), out, plan.decode_prompt)
                            for v in VARIANTS if v.timed and v.name != "fp32"}
-    summary["quality"] = measure_quality(size, folder, variants, quick)
+    summary["quality"] = measure_quality(size, folder, variants, quick, checkpoints.TEXT_TOKENIZER[size],
+                                         checkpoints.SIZES[size].vocab_size)
     summary["runs"] = results
     summary["plan"] = dataclasses.asdict(plan)
     return summary
 
 
-def measure_quality(size: str, checkpoint: Path, variants: dict[str, dict], quick: bool) -> dict:
+def measure_quality(size: str, checkpoint: Path, variants: dict[str, dict], quick: bool, reads_text: bool,
+                    vocab_size: int) -> dict:
     """Every variant (fp32 too, as the check that the measure reads 0 where nothing changed) against the unquantized
     fp32 reference, teacher-forced through the same tokens: top-1 agreement, mean KL and the perplexity ratio
     (``export.quality``, as export's quality gate measures them). The tokens are the held-out Python documentation
@@ -194,11 +197,11 @@ def measure_quality(size: str, checkpoint: Path, variants: dict[str, dict], quic
     from export import quality
     from export.reference_engine import ReferenceEngine
 
-    if checkpoints.TEXT_TOKENIZER[size]:
+    if reads_text:
         tokens = quality.default_tokens(checkpoint / "tokenizer.json")
         text = "held-out Python documentation text (reference.corpus)"
     else:
-        tokens = np.random.default_rng(0).integers(0, checkpoints.SIZES[size].vocab_size, quality.MAX_TOKENS).tolist()
+        tokens = np.random.default_rng(0).integers(0, vocab_size, quality.MAX_TOKENS).tolist()
         text = ("random token ids (this checkpoint's word-level test tokenizer reads any text as one unknown "
                 "token)")
     max_tokens = quality.WINDOW if quick else quality.MAX_TOKENS
@@ -215,6 +218,28 @@ def measure_quality(size: str, checkpoint: Path, variants: dict[str, dict], quic
                  figures["top1_agreement"], figures["mean_kl"], reports[name]["perplexity"],
                  reports[name]["reference_perplexity"])
     return {"text": text, "reports": reports}
+
+
+TRAINED = "tiny-trained"
+# Quality only: its windows are 128 tokens, 4 at a time.
+TRAINED_SHAPE = ("--max-batch", "4", "--max-context", "256")
+
+
+def trained_model(out: Path, quick: bool) -> dict:
+    """The quality rows on a model that has learned something (perplexity means something there): every variant of
+    the built-in trained preset, against its unquantized reference on held-out text it never saw."""
+    from reference.checkpoint import resolve_checkpoint
+    from reference.presets import PRESETS
+
+    if TRAINED not in PRESETS:
+        return {"skipped": f"the {TRAINED} preset (a small trained Cohere model) is not in this checkout"}
+    folder = resolve_checkpoint(TRAINED)
+    fp32 = out / "artifacts" / TRAINED
+    checkpoints.export(folder, fp32, TRAINED_SHAPE)
+    variants = export_variants(TRAINED, folder, out, fp32, quick, TRAINED_SHAPE)
+    config = PRESETS[TRAINED].config
+    return {"checkpoint": str(folder), "config": config.to_dict(), "variants": variants,
+            "quality": measure_quality(TRAINED, folder, variants, quick, True, config.vocab_size)}
 
 
 def _stats(values: list[float]) -> dict:

@@ -212,6 +212,16 @@ def markdown(results: dict) -> str:
                       f"kernels; by op (ms): {top}.", ""]
         if "quantized" in size:
             lines += quantized_markdown(name, size["quantized"])
+    trained = results.get("trained")
+    if trained is not None:
+        lines += ["### the trained model: quality of quantized artifacts", ""]
+        if "skipped" in trained:
+            lines.append(f"Not measured: {trained['skipped']}.")
+        else:
+            lines += [f"{trained['checkpoint']}; artifact MB: " + ", ".join(
+                f"{v} {info['artifact_bytes'] / 1e6:.2f}" for v, info in trained["variants"].items()) + ".", ""]
+            lines += quality_markdown(trained["quality"])
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -265,7 +275,7 @@ def quality_markdown(quality: dict) -> list[str]:
     lines = [f"Quality against the unquantized fp32 reference (export/quality.py), teacher-forced through "
              f"{first['windows']} windows of {first['window_tokens']} tokens of {quality['text']}; "
              f"reference perplexity {first['reference_perplexity']:.2f}:", "",
-             "| artifact | top-1 agreement | mean KL (nats) | perplexity | vs reference | export's gate |",
+             "| artifact | top-1 agreement | mean KL (nats) | perplexity | vs reference | gate (top-1, KL, ratio) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, report in quality["reports"].items():
         rows = {r["output"]: r for r in report["rows"]}
