@@ -57,6 +57,12 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     else:
         assert {"llama.cpp f32", "llama.cpp Q8_0", "llama.cpp Q4_K_M"} <= set(quantized["figures"])
     assert "| ours int4-b32 |" in markdown
+    # Quality against the unquantized reference: the fp32 artifact computes what it computes; int4 moves away.
+    kl = {name: {r["output"]: r["value"] for r in report["rows"]}["mean_kl"]
+          for name, report in quantized["quality"]["reports"].items()}
+    assert kl["fp32"] < 1e-6 < kl["int4-b32"]
+    trained = results["trained"]
+    assert trained.get("skipped") or {"fp32", "int8-b128", "int4-b32"} <= set(trained["quality"]["reports"])
 
 
 def test_llama_cpp_without_a_source_tree_says_what_to_pass(tmp_path):
