@@ -12,7 +12,8 @@ for. ``logits`` come back as a float32 numpy array ``[batch, vocab]``.
 
 The graph has one more input the engines fill themselves: ``kv_slots = arange(L)``, the cache slots attention
 reads, ``L >= max(write_indices) + seq``. ONNX Runtime passes the filled prefix, so a step costs what its context
-costs; TensorRT passes all ``max_context`` slots, so the decode step has one shape and replays a CUDA graph.
+costs; TensorRT does the same for prefill and passes a bucket of slots for decode (a power of two from 256, or
+``max_context``), so decode has few shapes, each replayed as a CUDA graph.
 Rows are independent: each row's logits equal running that row alone. Every row needs
 ``write_indices[b] + seq <= max_context``.
 

@@ -5,6 +5,10 @@ why not. ``tensorrt`` is imported inside the functions that need it, so this mod
 
 Each ``present_*`` output of the plan aliases its ``past_*`` input: the engine binds both to one cache buffer per
 layer, which TensorRT's KV-cache update layer writes in place.
+
+Decode attends over a bucket of cache slots (``kv_slots = arange(bucket)``), the smallest of ``kv_buckets`` that
+covers the longest live row, with one CUDA graph per (rows, bucket): a short conversation does not read all
+``max_context`` slots at every step, and the number of decode shapes, so of graphs, stays small.
 """
 
 from __future__ import annotations
@@ -23,6 +27,30 @@ from engines.base import (INPUT_IDS, KV_SLOTS, LOGITS, LOGITS_INDICES, WRITE_IND
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE = "prefill", "decode"  # optimisation profile names, in profile index order
+SMALLEST_KV_BUCKET = 256
+
+
+def kv_buckets(max_context: int) -> list[int]:
+    """The cache-slot counts decode attends over: powers of two from 256 below ``max_context``, then
+    ``max_context`` itself (so every context has a bucket, and one below 256 has only ``max_context``).
+
+    Powers of two, as vLLM's and TensorRT-LLM's CUDA-graph batch sizes are: a step reads at most twice the slots
+    it needs, and an 8192 context needs six graphs per row count, not one per position.
+    """
+    buckets, size = [], SMALLEST_KV_BUCKET
+    while size < max_context:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_context]
+
+
+def kv_bucket(buckets: list[int], write_indices: np.ndarray, seq: int) -> int:
+    """The smallest bucket holding every row's context after this step (``write_indices + seq`` slots)."""
+    needed = int(write_indices.max()) + seq
+    for bucket in buckets:
+        if bucket >= needed:
+            return bucket
+    raise ValueError(f"a row needs {needed} cache slots; the largest bucket is {buckets[-1]}")
 
 
 def make_logger(trt):
@@ -107,6 +135,17 @@ def plan_unusable_reason(plan: TensorRTPlan) -> str | None:
     return plan_mismatch(plan, trt.__name__, trt.__version__, gpu_description())
 
 
+def kv_slots_profile_problem(plan: TensorRTPlan, max_context: int) -> str | None:
+    """Why the plan's profiles cannot take every ``kv_slots`` count this engine passes, [1, max_context]; None if
+    they can. Plans built before decode buckets declared kv_slots = max_context only."""
+    for profile in plan.profiles:
+        declared = profile["shapes"][KV_SLOTS]
+        if (declared["min"][0], declared["max"][0]) != (1, max_context):
+            return (f"the {profile['name']} profile takes kv_slots [{declared['min'][0]}, {declared['max'][0]}], "
+                    f"this engine passes any count in [1, {max_context}]; rebuild the TensorRT artifact")
+    return None
+
+
 class TensorRTState:
     """One batch's KV caches on the GPU, its fixed decode IO buffers and its captured decode CUDA graphs."""
 
@@ -116,7 +155,7 @@ class TensorRTState:
         self.caches = caches
         self.logits = logits
         self.decode_inputs = decode_inputs  # fixed addresses, so a captured graph can be replayed
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode graphs by number of rows stepped
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # decode graphs by (rows, kv bucket)
 
 
 class _ProfileContext:
@@ -130,7 +169,8 @@ class _ProfileContext:
 
 
 class TensorRTEngine(Engine):
-    """Runs ``model.plan`` with ``execute_async_v3``; decode steps replay a CUDA graph once captured.
+    """Runs ``model.plan`` with ``execute_async_v3``; decode steps replay a CUDA graph once captured, one per
+    number of rows and bucket of cache slots (``kv_buckets``), captured the second time that shape is stepped.
 
     One execution context per optimisation profile (prefill, decode), both on one device-memory buffer, as
     TensorRT-LLM's runtime does: a context never switches profiles, so the decode graphs captured on the decode
@@ -167,6 +207,10 @@ class TensorRTEngine(Engine):
                               f"and the plan has {self._engine.num_optimization_profiles}")
 
         self._prefill_max_seq = section.profiles[0]["shapes"][INPUT_IDS]["max"][1]
+        self._kv_buckets = kv_buckets(spec.max_context)
+        refused = kv_slots_profile_problem(section, spec.max_context)
+        if refused:
+            raise EngineError(f"{plan_path}: {refused}")
         self._stream = torch.cuda.Stream(self.device)
         # device_memory_size_v2: the largest activation memory over all profiles, so one buffer serves both
         # contexts. torch's allocator aligns blocks to 512 bytes; TensorRT needs 256.
@@ -175,6 +219,7 @@ class TensorRTEngine(Engine):
         self._states_with_graphs: weakref.WeakSet[TensorRTState] = weakref.WeakSet()
         self._use_cuda_graphs = use_cuda_graphs
         self.last_step_used_graph = False  # for tests and benchmarks: did the last step replay a graph?
+        self.last_step_kv_slots = 0  # and how many cache slots did its attention read?
 
     def _create_context(self, profile: int, plan_path: Path) -> _ProfileContext:
         context = self._engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
@@ -258,8 +303,9 @@ class TensorRTEngine(Engine):
         if not bound.context.execute_async_v3(self._stream.cuda_stream):
             raise EngineError("TensorRT execute_async_v3 failed: " + "; ".join(self._logger.errors[-5:]))
 
-    def _capture(self, bound: _ProfileContext, state: TensorRTState, rows: int) -> None:
-        """Record the decode step of this state over ``rows`` rows in a CUDA graph; on failure, run eagerly."""
+    def _capture(self, bound: _ProfileContext, state: TensorRTState, key: tuple[int, int]) -> None:
+        """Record the decode step of this state over ``key = (rows, kv bucket)`` in a CUDA graph; on failure, run
+        eagerly."""
         # is_stream_capturable is in TensorRT-RTX's bindings; guarded, as not every TensorRT 10.x binding has it.
         if hasattr(bound.context, "is_stream_capturable") and not bound.context.is_stream_capturable(
                 self._stream.cuda_stream):
@@ -276,36 +322,41 @@ class TensorRTEngine(Engine):
             log.warning("tensorrt: CUDA graph capture of the decode step failed (%s); decoding eagerly", e)
             self._use_cuda_graphs = False
             return
-        state.graphs[rows] = graph
+        state.graphs[key] = graph
         self._states_with_graphs.add(state)
 
     def _step(self, state: TensorRTState, input_ids: np.ndarray, write_indices: np.ndarray,
               logits_indices: np.ndarray) -> np.ndarray:
         self._check_open()
-        rows, decode = input_ids.shape[0], input_ids.shape[1] == 1
+        (rows, seq), decode = input_ids.shape, input_ids.shape[1] == 1
         if input_ids.shape[1] > self._prefill_max_seq:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per row; the plan's prefill profile takes "
                              f"at most {self._prefill_max_seq} (prefill longer prompts in chunks)")
         host = {INPUT_IDS: input_ids, WRITE_INDICES: write_indices, LOGITS_INDICES: logits_indices}
         bound = self._contexts[1 if decode else 0]
+        # Decode reads a bucket of slots (few shapes, so few graphs); prefill, never captured, reads exactly the
+        # filled prefix, as ONNX Runtime does. Both are a prefix of one arange buffer: no host copy.
+        slots = kv_bucket(self._kv_buckets, write_indices, 1) if decode else int(write_indices.max()) + seq
         self.last_step_used_graph = False
+        self.last_step_kv_slots = slots
         with torch.cuda.stream(self._stream):
             if decode:
-                inputs = {name: buffer[:rows] if name != KV_SLOTS else buffer
-                          for name, buffer in state.decode_inputs.items()}
+                inputs = {name: buffer[:rows] for name, buffer in state.decode_inputs.items() if name != KV_SLOTS}
                 for name, array in host.items():
                     inputs[name].copy_(torch.from_numpy(array))
             else:
                 inputs = {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
-                inputs[KV_SLOTS] = state.decode_inputs[KV_SLOTS]  # the same all-slots range as decode
+            inputs[KV_SLOTS] = state.decode_inputs[KV_SLOTS][:slots]
             changed = self._bind(bound, inputs, state, rows)
+            key = (rows, slots)
             if decode and self._use_cuda_graphs and not changed:
                 # TensorRT needs one eager enqueue after any shape/address change before capture or replay is
-                # valid, which the `changed` step before this one did.
-                if rows not in state.graphs:
-                    self._capture(bound, state, rows)
-                if rows in state.graphs:
-                    state.graphs[rows].replay()
+                # valid, which the `changed` step before this one did: it leaves the context's host-side state at
+                # this (rows, bucket), which the graph of this same key replays. Each switch runs once eagerly.
+                if key not in state.graphs:
+                    self._capture(bound, state, key)
+                if key in state.graphs:
+                    state.graphs[key].replay()
                     self.last_step_used_graph = True
             if not self.last_step_used_graph:
                 self._execute(bound)

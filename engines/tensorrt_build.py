@@ -91,7 +91,8 @@ def _parser_errors(parser) -> list[str]:
 
 
 def _profiles(spec: GraphSpec, prefill_max_seq: int) -> list[dict]:
-    """min/opt/max shapes per input for the prefill and decode profiles; caches are static except in batch."""
+    """min/opt/max shapes per input for the prefill and decode profiles; caches are static except in batch,
+    ``kv_slots`` ranges over [1, max_context]."""
     cache = spec.cache_shape_per_row
     profiles = []
     for name, max_seq in ((PREFILL, prefill_max_seq), (DECODE, 1)):
@@ -99,8 +100,9 @@ def _profiles(spec: GraphSpec, prefill_max_seq: int) -> list[dict]:
         shapes = {INPUT_IDS: {"min": [1, 1], "opt": [spec.max_batch, opt_seq], "max": [spec.max_batch, max_seq]}}
         for vector in (WRITE_INDICES, LOGITS_INDICES):
             shapes[vector] = {"min": [1], "opt": [spec.max_batch], "max": [spec.max_batch]}
-        # The engine always attends over every slot (one decode shape, so one CUDA graph); see engines/base.py.
-        shapes[KV_SLOTS] = {"min": [spec.max_context]} | {k: [spec.max_context] for k in ("opt", "max")}
+        # Any slot count: prefill reads its filled prefix, decode a bucket of engines.tensorrt.kv_buckets (one CUDA
+        # graph per bucket). Kernels are tuned for the longest context, where a step costs most.
+        shapes[KV_SLOTS] = {"min": [1], "opt": [spec.max_context], "max": [spec.max_context]}
         for layer in range(spec.num_layers):
             for cache_name in past_names(layer):
                 shapes[cache_name] = {"min": [1, *cache], "opt": [spec.max_batch, *cache],

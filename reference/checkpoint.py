@@ -2,7 +2,8 @@
 
 Hub downloads go through ``huggingface_hub``, so ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE=1`` behave as
 users expect, and a warm cache works with no network. The built-in ``tiny`` checkpoint is generated from a
-seed into a local cache folder, through the same files a real checkpoint has.
+seed into a local cache folder, through the same files a real checkpoint has; ``tiny-trained`` ships as package
+data (reference/tiny_trained/).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _resolve(model: str) -> Path:
                                  "*.safetensors), a preset name or a hub id")
     if model == "tiny":
         return tiny_checkpoint()
+    if model == "tiny-trained":
+        return tiny_trained_checkpoint()
     if model in PRESETS:
         preset = PRESETS[model]
         if not preset.verified:
@@ -134,6 +137,16 @@ def tiny_checkpoint() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("generated the built-in tiny checkpoint in %s", folder)
+    return folder
+
+
+def tiny_trained_checkpoint() -> Path:
+    """The built-in ``tiny-trained`` checkpoint: package data, read where it is installed (export and serve only
+    read a checkpoint)."""
+    folder = Path(__file__).resolve().parent / "tiny_trained"
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: the tiny-trained checkpoint is missing from this installation; reinstall "
+                              f"the package, or rebuild it with tools/train_tiny_trained.py --out {folder}")
     return folder
 
 

@@ -59,6 +59,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            _cfg(128, 2, 4, 2, 256, 10_000.0, 0.0625, qk_norm=True, vocab_size=1024, max_position_embeddings=4096,
                 bos_token_id=5, eos_token_id=9, pad_token_id=0), verified=True,
            note="built in: seeded random weights, no download"),
+    # A built-in model that has learned something: the same special tokens and chat templates as `tiny`, trained
+    # for ~10 minutes on Python's own documentation (pydoc_data.topics) by tools/train_tiny_trained.py and shipped
+    # in reference/tiny_trained/ as float16, so a quantization or kernel that hurts the math shows as worse
+    # perplexity and text.
+    Preset("tiny-trained", None,
+           _cfg(256, 4, 8, 2, 768, 10_000.0, 0.0625, qk_norm=True, vocab_size=3072, max_position_embeddings=4096,
+                bos_token_id=5, eos_token_id=9, pad_token_id=0), verified=True,
+           note="built in: trained on Python's documentation, no download"),
 ]}
 
 DEFAULT_MODEL = "tiny"

@@ -97,7 +97,8 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "tiny_templates"
 TEMPLATE_NAMES = ("default", "tool_use", "rag")
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(lines: list[str] | None = None, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+    """Train on ``lines`` (default: the built-in CORPUS) to exactly ``vocab_size`` entries, special tokens first."""
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     # transformers' CohereTokenizer rebuilds exactly this pre-tokenizer around the file's vocab and merges, so the
@@ -110,28 +111,28 @@ def build_tokenizer() -> Tokenizer:
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=1,
         show_progress=False,
         special_tokens=[AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True) if lines is None else lines, trainer=trainer)
     bos_id = SPECIAL_TOKENS.index("<BOS_TOKEN>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<BOS_TOKEN>:0 $A:0",
         pair="<BOS_TOKEN>:0 $A:0 $B:1",
         special_tokens=[("<BOS_TOKEN>", bos_id)],
     )
-    check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer, vocab_size)
     return tokenizer
 
 
-def check_tokenizer(tokenizer: Tokenizer) -> None:
+def check_tokenizer(tokenizer: Tokenizer, vocab_size: int = VOCAB_SIZE) -> None:
     """Fail loudly if training did not give the layout the model and the tests rely on."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size != VOCAB_SIZE:
-        raise SystemExit(f"vocabulary has {size} entries, expected {VOCAB_SIZE}: the corpus is too small to train "
+    if size != vocab_size:
+        raise SystemExit(f"vocabulary has {size} entries, expected {vocab_size}: the corpus is too small to train "
                          "that many merges")
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         got = tokenizer.token_to_id(token)
@@ -174,19 +175,22 @@ def build_config() -> dict:
     }
 
 
+def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """tokenizer.json and tokenizer_config.json (with the chat templates) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Tokenizer.save writes pretty JSON with a fixed key order, so the bytes only depend on the trained model.
+    tokenizer.save(str(out / "tokenizer.json"), pretty=True)
+    config = build_config()
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "reference" / "tiny")
     args = parser.parse_args()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    # Tokenizer.save writes pretty JSON with a fixed key order, so the bytes only depend on the trained model.
-    tokenizer.save(str(args.out / "tokenizer.json"), pretty=True)
-    config = build_config()
-    (args.out / "tokenizer_config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    write_tokenizer(build_tokenizer(), args.out)
     print(f"wrote {args.out / 'tokenizer.json'} and {args.out / 'tokenizer_config.json'}")
 
 
