@@ -71,17 +71,20 @@ FULL = Plan(ttft_prompt=512, decode_prompt=64, decode_new_tokens=32, batches=(1,
 QUICK = Plan(ttft_prompt=256, decode_prompt=32, decode_new_tokens=6, batches=(1, 4))
 
 
-def export_variants(size: str, folder: Path, out: Path, fp32_artifact: Path, quick: bool,
+def export_variants(size: str, folder: Path, out: Path, fp32_artifact: Path,
                     shape_options: tuple[str, ...] = ()) -> dict[str, dict]:
     """Every variant's artifact (fp32: the benchmark's own), its bytes and the export's time and peak memory.
-    Under ``--quick`` the quantized exports skip verification: the smoke test checks the plumbing, not the numbers."""
+    The variants skip export's verification: the benchmark measures their quality itself (``measure_quality``) and
+    reports it, where export's gate would stop the whole benchmark at the first variant past its bound, without the
+    figures that say by how much (the 100m checkpoint's word-level test tokenizer reads the held-out text as one
+    unknown token repeated, on which int8 fails export's perplexity gate)."""
     exported = {}
     for variant in VARIANTS:
         if variant.name == "fp32":
             artifact, export = fp32_artifact, None
         else:
             artifact = out / "artifacts" / f"{size}-{variant.name}"
-            options = [*shape_options, *variant.export_options] + (["--skip-verify"] if quick else [])
+            options = [*shape_options, *variant.export_options, "--skip-verify"]
             export = dataclasses.asdict(checkpoints.export(folder, artifact, options))
             log.info("%s %s: exported in %.0f s", size, variant.name, export["seconds"])
         manifest = Artifact.open(artifact).manifest
@@ -121,7 +124,7 @@ def run_worker(spec: dict) -> dict:
 def bench_size(size: str, folder: Path, out: Path, fp32_artifact: Path, plan: Plan, repeats: int, quick: bool,
                llama_cpp_source: Path | None) -> dict:
     vocab = checkpoints.SIZES[size].vocab_size
-    variants = export_variants(size, folder, out, fp32_artifact, quick)
+    variants = export_variants(size, folder, out, fp32_artifact)
     runtimes = {f"ours {v.name}": {"runtime": "ours", "path": variants[v.name]["artifact"]}
                 for v in VARIANTS if v.timed}
     peer = {"skipped": llamacpp.unavailable_reason(llama_cpp_source)}
@@ -236,7 +239,7 @@ def trained_model(out: Path, quick: bool) -> dict:
     folder = resolve_checkpoint(TRAINED)
     fp32 = out / "artifacts" / TRAINED
     checkpoints.export(folder, fp32, TRAINED_SHAPE)
-    variants = export_variants(TRAINED, folder, out, fp32, quick, TRAINED_SHAPE)
+    variants = export_variants(TRAINED, folder, out, fp32, TRAINED_SHAPE)
     config = PRESETS[TRAINED].config
     return {"checkpoint": str(folder), "config": config.to_dict(), "variants": variants,
             "quality": measure_quality(TRAINED, folder, variants, quick, True, config.vocab_size)}
