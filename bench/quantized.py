@@ -130,7 +130,8 @@ def bench_size(size: str, folder: Path, out: Path, fp32_artifact: Path, plan: Pl
     peer = {"skipped": llamacpp.unavailable_reason(llama_cpp_source)}
     if peer["skipped"] is None:
         try:
-            peer = llamacpp.convert(folder, llama_cpp_source, out / "llama.cpp" / size)
+            # Named by the checkpoint's folder (its config digest): files converted from another config are not reused.
+            peer = llamacpp.convert(folder, llama_cpp_source, out / "llama.cpp" / folder.name)
         except RuntimeError as e:  # a converter or quantizer that fails on this checkpoint skips the peer, saying why
             log.warning("%s: llama.cpp skipped: %s", size, e)
             peer = {"skipped": str(e)}
