@@ -1,8 +1,11 @@
 """``python -m bench``: export random-weight Cohere checkpoints and measure our engine against the reference model,
-HF transformers and this machine's memory bandwidth, in one run. Writes results.json, results.md and results.png.
+HF transformers and this machine's memory bandwidth, then our int8 and int4 artifacts against our fp32 one and
+llama.cpp's f32, Q8_0 and Q4_K_M files of the same checkpoint, in one run. Writes results.json, results.md and
+results.png.
 
-    python -m bench                       # tiny and 100m, 3 repeats (under 15 minutes on a 2-core CPU)
-    python -m bench --sizes tiny --quick  # seconds: a smoke test of the whole benchmark
+    python -m bench                       # tiny and 100m, 3 repeats (about 30 minutes on a 2-core CPU)
+    python -m bench --llama-cpp-source vendor/llama.cpp   # with llama.cpp as a peer (llama-cpp-python installed)
+    python -m bench --sizes tiny --quick  # a smoke test of the whole benchmark
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from engines.cli import configure_logging
 
-from . import checkpoints, machine, report, runners
+from . import checkpoints, llamacpp, machine, quantized, report, runners
 from .profile import decode_step_profile
 
 log = logging.getLogger("bench")
@@ -56,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="repeats of every measurement (default: 3, 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="short prompts, few tokens: a smoke test")
     parser.add_argument("--no-transformers", action="store_true", help="skip HF transformers (if not installed)")
+    parser.add_argument("--llama-cpp-source", type=Path,
+                        help=f"a llama.cpp source tree (with {llamacpp.CONVERTER} and gguf-py) to convert the "
+                             f"checkpoints with; default: ${llamacpp.SOURCE_ENV}. Without it, or without "
+                             "llama-cpp-python, llama.cpp is skipped, saying why")
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in args.sizes if s not in checkpoints.SIZES]
@@ -79,7 +86,8 @@ def make_runners(size: str, folder: Path, artifact: Path, with_transformers: boo
     return made
 
 
-def bench_size(size: str, plan: Plan, repeats: int, out: Path, with_transformers: bool) -> dict:
+def bench_size(size: str, plan: Plan, repeats: int, out: Path, with_transformers: bool,
+               quantized_plan: quantized.Plan, quick: bool, llama_cpp_source: Path | None) -> dict:
     folder = checkpoints.checkpoint(size)
     artifact = out / "artifacts" / size
     export = checkpoints.export(folder, artifact)
@@ -91,7 +99,9 @@ def bench_size(size: str, plan: Plan, repeats: int, out: Path, with_transformers
             "export": dataclasses.asdict(export), "artifact_bytes": report.artifact_weight_bytes(artifact),
             "kv_bytes_per_row_per_step": report.kv_bytes_per_row(
                 checkpoints.SIZES[size], plan.decode_prompt + plan.decode_new_tokens // 2),
-            "runs": runs, "profile": decode_step_profile(artifact, out, plan.decode_prompt)}
+            "runs": runs, "profile": decode_step_profile(artifact, out, plan.decode_prompt),
+            "quantized": quantized.bench_size(size, folder, out, artifact, quantized_plan, repeats, quick,
+                                              llama_cpp_source)}
 
 
 def measure(size: str, engines: list, plan: Plan, repeats: int) -> list[dict]:
@@ -133,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                "max_batch": checkpoints.MAX_BATCH, "max_context": checkpoints.MAX_CONTEXT}
     # Measured first, before any model is in memory, on a 1 GiB array (a quarter of that under --quick).
     results["machine"]["read_bandwidth_bytes_per_s"] = machine.read_bandwidth(0.25 if args.quick else 1.0)
-    results["sizes"] = {size: bench_size(size, plan, args.repeats, args.out, not args.no_transformers)
+    llama_cpp_source = llamacpp.source_folder(args.llama_cpp_source)
+    quantized_plan = quantized.QUICK if args.quick else quantized.FULL
+    results["sizes"] = {size: bench_size(size, plan, args.repeats, args.out, not args.no_transformers,
+                                         quantized_plan, args.quick, llama_cpp_source)
                         for size in args.sizes}
+    results["trained"] = quantized.trained_model(args.out, args.quick)
     report.summarise(results)
     results["wall_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -36,6 +36,10 @@ SIZES: dict[str, CohereConfig] = {
                          bos_token_id=5, eos_token_id=9, pad_token_id=0),
 }
 
+# Whether a size's tokenizer reads text: tiny's byte-level BPE does; the word-level test tokenizer written for the
+# others (``_write_tokenizer``) reads every word as one unknown token.
+TEXT_TOKENIZER = {"tiny": True, "100m": False}
+
 # The artifacts every size is exported to: batch 16 and 2048-token prompts plus 256 generated tokens.
 MAX_BATCH = 16
 MAX_CONTEXT = 2304
@@ -82,10 +86,12 @@ class ExportRun:
     weight_bytes: int
 
 
-def export(folder: Path, out: Path) -> ExportRun:
-    """``python -m export`` of ``folder`` into ``out`` (fp32, ONNX only, parity verified), timed as a subprocess."""
+def export(folder: Path, out: Path, options: list[str] | tuple[str, ...] = ()) -> ExportRun:
+    """``python -m export`` of ``folder`` into ``out`` (fp32 unless ``options`` say otherwise, ONNX only, parity
+    verified), timed as a subprocess. ``options``: more arguments of ``python -m export`` (the last of a repeated
+    option wins, as argparse takes it)."""
     command = [sys.executable, "-m", "export", "--model", str(folder), "--out", str(out), "--dtype", "float32",
-               "--max-batch", str(MAX_BATCH), "--max-context", str(MAX_CONTEXT), "--engine", "onnx"]
+               "--max-batch", str(MAX_BATCH), "--max-context", str(MAX_CONTEXT), "--engine", "onnx", *options]
     log.info("exporting: %s", " ".join(command[1:]))
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,8 +21,10 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
     """Prefill ``prompt_tokens`` at batch 1, then profile ``steps`` decode steps; per-op-type milliseconds per step
     (medians over the steps), and how much of a step no kernel accounts for (IO binding, Python, ORT's scheduling)."""
     opened = Artifact.open(artifact)
+    quantization = opened.manifest.quantization  # profiled at the accuracy level the artifact runs at
     engine = OnnxRuntimeEngine(opened.path(opened.manifest.graph.onnx_file), opened.spec, "cpu",
-                               profile_prefix=str(out / "ort-profile"))
+                               profile_prefix=str(out / "ort-profile"),
+                               matmul_nbits_accuracy_level=quantization and quantization.onnxruntime_accuracy_level)
 
     prompt = np.random.default_rng(1).integers(0, engine.spec.vocab_size, prompt_tokens).tolist()
     greedy(engine, [prompt], 1 + steps)  # the prefill's token, then one per decode step

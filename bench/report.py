@@ -210,4 +210,77 @@ def markdown(results: dict) -> str:
         lines += ["", f"ORT decode step (batch 1, position {profile['prompt_tokens']}): "
                       f"{profile['run_ms_per_step']:.2f} ms per run, {profile['kernel_ms_per_step']:.2f} ms in "
                       f"kernels; by op (ms): {top}.", ""]
+        if "quantized" in size:
+            lines += quantized_markdown(name, size["quantized"])
+    trained = results.get("trained")
+    if trained is not None:
+        lines += ["### the trained model: quality of quantized artifacts", ""]
+        if "skipped" in trained:
+            lines.append(f"Not measured: {trained['skipped']}.")
+        else:
+            lines += [f"{trained['checkpoint']}; artifact MB: " + ", ".join(
+                f"{v} {info['artifact_bytes'] / 1e6:.2f}" for v, info in trained["variants"].items()) + ".", ""]
+            lines += quality_markdown(trained["quality"])
+        lines.append("")
     return "\n".join(lines)
+
+
+def quantized_markdown(name: str, q: dict) -> list[str]:
+    """The quantized section of one size: figures per runtime, ratios, targets, quality."""
+    plan = q["plan"]
+    batches = [int(b) for b in next(iter(q["figures"].values()))["decode_tokens_per_s"]]
+    peer = q["llama_cpp"]
+    lines = [f"#### {name}: quantized artifacts and llama.cpp", "",
+             "Each runtime in a process of its own, one after another within a repeat; ours on every core, "
+             + (f"llama.cpp on {peer['threads']} threads with {peer['n_ctx_per_row']} context tokens per row. "
+                if "skipped" not in peer else f"llama.cpp skipped: {peer['skipped']}. ")
+             + f"Decode from a {plan['decode_prompt']}-token prompt, {plan['decode_new_tokens']} new tokens; resident "
+             "memory (VmRSS, with the process's peak VmHWM) after the batch-1 runs. Medians; ratios per repeat, "
+             "min / median.", ""]
+    header = (["runtime", "file MB", "RSS after batch 1, MB (peak)", f"TTFT {plan['ttft_prompt']} (s)"]
+              + [f"tok/s b{b}" for b in batches])
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for runtime, f in q["figures"].items():
+        lines.append(f"| {runtime} | {f['file_bytes'] / 1e6:.1f} | {f['rss_bytes_after_batch_1'] / 1e6:.0f} "
+                     f"({f['hwm_bytes_after_batch_1'] / 1e6:.0f}) | "
+                     f"{f['ttft_' + str(plan['ttft_prompt']) + '_s']['median']:.3f} | "
+                     + " | ".join(f"{f['decode_tokens_per_s'][str(b)]['median']:.1f}" for b in batches) + " |")
+    unmeasured = [v for v, info in q["variants"].items() if f"ours {v}" not in q["figures"]]
+    for v in unmeasured:
+        lines.append(f"| ours {v} | {q['variants'][v]['artifact_bytes'] / 1e6:.1f} | not timed (bytes and quality "
+                     "only) | | " + " | ".join("" for _ in batches) + " |")
+    header = ["ratio"] + [f"decode b{b}" for b in batches] + [f"TTFT {plan['ttft_prompt']}"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for ratio, r in q["ratios"].items():
+        lines.append(f"| {ratio} | " + " | ".join(f"{s['min']:.2f} / {s['median']:.2f}" for s in r.values()) + " |")
+    if q["targets"]:
+        lines += ["", "| target (issue: 100m, batch 1) | bound | min | median | met |",
+                  "| --- | --- | --- | --- | --- |"]
+        for t in q["targets"]:
+            lines.append(f"| {t['target']} | {t['bound']} | {t['min']:.2f} | {t['median']:.2f} | "
+                         f"{'yes' if t['met'] else 'no'} |")
+    for variant, profile in q["profiles"].items():
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(profile["op_ms_per_step"].items())[:6])
+        lines += ["", f"ORT decode step of {variant} (batch 1, position {profile['prompt_tokens']}): "
+                      f"{profile['run_ms_per_step']:.2f} ms per run, {profile['kernel_ms_per_step']:.2f} ms in "
+                      f"kernels; by op (ms): {top}."]
+    lines += [""] + quality_markdown(q["quality"]) + [""]
+    return lines
+
+
+def quality_markdown(quality: dict) -> list[str]:
+    if "skipped" in quality:
+        return [f"Quality: not measured: {quality['skipped']}"]
+    first = next(iter(quality["reports"].values()))
+    lines = [f"Quality against the unquantized fp32 reference (export/quality.py), teacher-forced through "
+             f"{first['windows']} windows of {first['window_tokens']} tokens of {quality['text']}; "
+             f"reference perplexity {first['reference_perplexity']:.2f}:", "",
+             "| artifact | top-1 agreement | mean KL (nats) | perplexity | vs reference | gate (top-1, KL, ratio) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, report in quality["reports"].items():
+        rows = {r["output"]: r for r in report["rows"]}
+        gate = "none" if report["bits"] is None else ("pass" if report["passed"] else "FAIL") + " (" + ", ".join(
+            f"{r['tolerance']}" for r in report["rows"]) + ")"
+        lines.append(f"| {name} | {rows['top1_agreement']['value']:.4f} | {rows['mean_kl']['value']:.2e} | "
+                     f"{report['perplexity']:.3f} | {(rows['perplexity_ratio']['value'] - 1) * 100:+.3f}% | {gate} |")
+    return lines

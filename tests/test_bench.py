@@ -7,6 +7,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from bench import llamacpp, worker
+
 from .conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -15,7 +20,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, "-m", "bench", "--sizes", "tiny", "--quick", "--out", str(out)], cwd=REPO,
-                   check=True, timeout=300)
+                   check=True, timeout=600)
 
     results = json.loads((out / "results.json").read_text())
     tiny = results["sizes"]["tiny"]
@@ -26,4 +31,46 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
         assert 0 < stats["min"] <= stats["median"]
     assert tiny["profile"]["op_ms_per_step"]
     assert (out / "results.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert "| ours |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| ours |" in markdown
+
+    quantized = tiny["quantized"]
+    variants = quantized["variants"]
+    # The artifacts' bytes, read from their files: int4 under int8 under fp32, and block 128 under block 32 (fewer
+    # scales). The tied embedding's fp32 table stays in the quantized artifacts (tiny's is most of its bytes), so
+    # int8 is not under fp16 here, and the ratios are not 4 or 8.
+    sizes = {name: variants[name]["artifact_bytes"] for name in variants}
+    assert sizes["int4-b128"] < sizes["int4-b32"] < sizes["int8-b128"] < sizes["fp32"]
+    assert sizes["fp16"] < sizes["fp32"]
+    assert variants["int4-b32"]["quantization"]["bits"] == 4 and variants["fp32"]["quantization"] is None
+    for name in ("ours fp32", "ours int8-b128", "ours int4-b32", "ours int4-b128"):
+        figures = quantized["figures"][name]
+        assert figures["hwm_bytes_after_batch_1"] >= figures["rss_bytes_after_batch_1"] > figures["file_bytes"] / 2
+        for stats in figures["decode_tokens_per_s"].values():
+            assert 0 < stats["min"] <= stats["median"]
+    assert "ours int4-b32 / ours fp32" in quantized["ratios"]
+    assert set(quantized["profiles"]) == {"int8-b128", "int4-b32", "int4-b128"}
+    assert quantized["profiles"]["int4-b32"]["op_ms_per_step"].get("MatMulNBits", 0) > 0  # ORT fused the dequantize
+    peer = quantized["llama_cpp"]
+    if "skipped" in peer:
+        assert peer["skipped"]  # says why
+    else:
+        assert {"llama.cpp f32", "llama.cpp Q8_0", "llama.cpp Q4_K_M"} <= set(quantized["figures"])
+    assert "| ours int4-b32 |" in markdown
+    # Quality against the unquantized reference: the fp32 artifact computes what it computes; int4 moves away.
+    kl = {name: {r["output"]: r["value"] for r in report["rows"]}["mean_kl"]
+          for name, report in quantized["quality"]["reports"].items()}
+    assert kl["fp32"] < 1e-6 < kl["int4-b32"]
+    trained = results["trained"]
+    assert trained.get("skipped") or {"fp32", "int8-b128", "int4-b32"} <= set(trained["quality"]["reports"])
+
+
+def test_llama_cpp_without_a_source_tree_says_what_to_pass(tmp_path):
+    pytest.importorskip("llama_cpp")
+    assert "--llama-cpp-source" in llamacpp.unavailable_reason(None)
+    assert "not a llama.cpp source tree" in llamacpp.unavailable_reason(tmp_path)
+
+
+def test_worker_prompts_depend_on_their_shape_only():
+    a, b = worker.prompts(1024, 2, 8), worker.prompts(1024, 2, 8)
+    assert np.array_equal(a, b) and a.shape == (2, 8) and a.max() < 1024
