@@ -255,7 +255,8 @@ def test_quality_is_not_gated_on_text_the_tokenizer_cannot_read(tmp_path):
     measured instead of failing (or passing) on figures that mean nothing."""
     from tests.test_export import exportable_checkpoint
 
-    checkpoint = exportable_checkpoint(tmp_path / "ckpt")
+    checkpoint = exportable_checkpoint(tmp_path / "ckpt", hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2)
     out = tmp_path / "int8"
     result = run_export("--model", str(checkpoint), "--quantize", "int8", "--out", str(out), "--engine", "onnx",
                         "--max-batch", "2", "--max-context", "64")
