@@ -9,6 +9,7 @@ from pathlib import Path
 from engines.cli import configure_logging
 from reference import PRESETS, CheckpointError, ConfigError, ModelNotFoundError
 from reference.presets import DEFAULT_MODEL
+from reference.quantize import BLOCK_SIZES
 
 from .build import ENGINES, ORT_ACCURACY_LEVELS, QUANTIZE_MODES, ExportError, ExportOptions, build
 
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "fp16 weights, int4 quarters them (embedding lookup and norms stay in --dtype). "
                              "Verified against the same dequantized weights, and for quality against the "
                              "unquantized model (default: none)")
-    parser.add_argument("--block-size", type=int, choices=(32, 64, 128),
+    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES,
                         help="inputs sharing one scale: smaller is more accurate and a little larger "
                              "(default: 32 for int4, 128 for int8)")
     parser.add_argument("--ort-accuracy-level", type=int, choices=ORT_ACCURACY_LEVELS, default=4,

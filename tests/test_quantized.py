@@ -7,8 +7,6 @@ The quality half of parity (KL, top-1, perplexity against the unquantized model)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -31,12 +29,8 @@ from reference import CohereConfig, load_model
 from reference.checkpoint import tiny_model
 from reference.quantize import WeightQuantization, pack_int4, quantized_linear_weights, round_trip_model
 from serve import Generator
-from tests.conftest import REPO
+from tests.test_export import exportable_checkpoint, run_export
 from tests.test_tensorrt import needs_builder
-
-
-def run_export(*args):
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
@@ -253,8 +247,6 @@ def test_http_service_serves_a_quantized_artifact(quantized_artifact):
 def test_quality_is_not_gated_on_text_the_tokenizer_cannot_read(tmp_path):
     """A word-level test tokenizer reads the held-out text as unknown ids: export records why quality was not
     measured instead of failing (or passing) on figures that mean nothing."""
-    from tests.test_export import exportable_checkpoint
-
     checkpoint = exportable_checkpoint(tmp_path / "ckpt", hidden_size=64, num_attention_heads=4,
                                        num_key_value_heads=2)
     out = tmp_path / "int8"

@@ -12,9 +12,9 @@ import pytest
 
 from serve import Generator, loadtest, prefix_bench
 from serve.server import create_app
+from tests.conftest import REPO
 from tests.test_http import Server
 
-REPO = Path(__file__).resolve().parents[1]
 BLOCK = 64  # serve.prefix_cache.BLOCK_TOKENS, restated: the expected reuse below is computed from it
 
 
