@@ -22,8 +22,10 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
     (medians over the steps), and how much of a step no kernel accounts for (IO binding, Python, ORT's scheduling)."""
     opened = Artifact.open(artifact)
     quantization = opened.manifest.quantization  # profiled at the accuracy level the artifact runs at
-    engine = OnnxRuntimeEngine(opened.path(opened.manifest.graph.onnx_file), opened.spec, "cpu",
-                               profile_prefix=str(out / "ort-profile"),
+    graph = opened.manifest.graph  # the graph ONNX Runtime CPU runs: the GroupQueryAttention variant if there is one
+    gqa = graph.onnxruntime_cpu_file is not None
+    engine = OnnxRuntimeEngine(opened.path(graph.onnxruntime_cpu_file if gqa else graph.onnx_file), opened.spec, "cpu",
+                               profile_prefix=str(out / "ort-profile"), group_query_attention=gqa,
                                matmul_nbits_accuracy_level=quantization and quantization.onnxruntime_accuracy_level)
 
     prompt = np.random.default_rng(1).integers(0, engine.spec.vocab_size, prompt_tokens).tolist()

@@ -69,13 +69,18 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class Graph:
-    """The ONNX graph: its file, opset, and the IO every engine binds (declared by ``spec``)."""
+    """The ONNX graph: its file, opset, and the IO every engine binds (declared by ``spec``).
+
+    ``onnx_file`` is the portable form TensorRT builds from and ONNX Runtime's CUDA provider runs;
+    ``onnxruntime_cpu_file``, where present, the same graph with its attention as ONNX Runtime's
+    GroupQueryAttention (same IO, same external data file), which ONNX Runtime's CPU provider runs instead."""
 
     spec: GraphSpec
     opset: int
     onnx_file: str
     inputs: dict[str, dict]  # name -> {"shape": [...], "dtype": str}
     outputs: dict[str, dict]
+    onnxruntime_cpu_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +183,8 @@ class Manifest:
         for name in manifest.files:
             plain_file_name(name, f"{where}: files")
         named = [("graph.onnx_file", manifest.graph.onnx_file)]
+        if manifest.graph.onnxruntime_cpu_file is not None:
+            named.append(("graph.onnxruntime_cpu_file", manifest.graph.onnxruntime_cpu_file))
         if manifest.tensorrt.built:
             plan = manifest.tensorrt.plan
             named += [(f"tensorrt.plan.{field}", getattr(plan, field)) for field in (

@@ -66,18 +66,29 @@ class Lockstep:
         return self.write_indices + self.logits_indices + 1
 
 
-def teacher_forced(engines: Sequence[Engine], prompts: list[list[int]], decode_steps: int) -> Iterator[Lockstep]:
+def teacher_forced(engines: Sequence[Engine], prompts: list[list[int]], decode_steps: int,
+                   continuation: int = 0) -> Iterator[Lockstep]:
     """The prefill of ``prompts``, then ``decode_steps`` steps, every engine on the same inputs: each decode step
-    is fed the first engine's greedy tokens. Yields after every step, while the states hold that step's caches."""
+    is fed the first engine's greedy tokens. Yields after every step, while the states hold that step's caches.
+
+    With ``continuation``, one last step appends several tokens to every row at its own position (row ``b`` gets
+    ``max(1, continuation - b)``: right-padded), as a chunked prefill or a prompt after a cached prefix does."""
     batch = len(prompts)
     zeros = np.zeros(batch, np.int64)
     states = [engine.allocate(batch) for engine in engines]
     input_ids = right_pad(prompts)
     write_indices, logits_indices = zeros, np.array([len(p) for p in prompts], dtype=np.int64) - 1
-    for _ in range(1 + decode_steps):
+    for i in range(1 + decode_steps + (continuation > 0)):
         logits = [engine.step(state, input_ids, write_indices, logits_indices)
                   for engine, state in zip(engines, states)]
         step = Lockstep(input_ids, write_indices, logits_indices, logits, states)
         yield step
-        input_ids = logits[0].argmax(-1)[:, None].astype(np.int64)
+        tokens = logits[0].argmax(-1)
         write_indices, logits_indices = step.filled, zeros
+        if i < decode_steps:
+            input_ids = tokens[:, None].astype(np.int64)
+        else:  # the continuation: the greedy token, then tokens of the row's own prompt
+            chunks = [[int(t)] + [p[j % len(p)] for j in range(max(1, continuation - b) - 1)]
+                      for b, (t, p) in enumerate(zip(tokens, prompts))]
+            input_ids = right_pad(chunks)
+            logits_indices = np.array([len(c) for c in chunks], dtype=np.int64) - 1

@@ -58,8 +58,11 @@ class OrtCacheState:
 
 class OnnxRuntimeEngine(Engine):
     def __init__(self, onnx_path: Path, spec: GraphSpec, device: str = "auto", threads: int | None = None,
-                 profile_prefix: str | None = None, matmul_nbits_accuracy_level: int | None = None):
+                 profile_prefix: str | None = None, matmul_nbits_accuracy_level: int | None = None,
+                 group_query_attention: bool = False):
         """``device``: "cpu", "cuda" or "auto" (CUDA when the CUDA execution provider is available).
+        ``group_query_attention``: the graph is export/gqa_graph.py's variant, whose attention kernel takes a
+        multi-token step over a non-empty cache one row at a time: such steps run row by row.
         ``profile_prefix``: turn on ONNX Runtime's profiler (``session.end_profiling()`` writes the trace).
         ``matmul_nbits_accuracy_level``: for a quantized graph, the precision of the activations inside the
         ``MatMulNBits`` kernels ONNX Runtime fuses its dequantized MatMuls into: 1 keeps them in fp32, 4 quantizes
@@ -70,6 +73,7 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError("device='cuda' needs onnxruntime-gpu and a CUDA GPU; available providers: "
                               + ", ".join(ort.get_available_providers()))
         self.spec, self.device = spec, device
+        self.onnx_path, self.group_query_attention = Path(onnx_path), group_query_attention
         self.backend = f"onnxruntime-{device}"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -93,6 +97,7 @@ class OnnxRuntimeEngine(Engine):
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile classes
             raise EngineError(f"{onnx_path}: ONNX Runtime cannot load it: {e}") from None
         self._np_dtype = NUMPY_DTYPES[spec.dtype]
+        self._row_bytes = int(np.prod(spec.cache_shape_per_row)) * np.dtype(self._np_dtype).itemsize
         self._check_session_io(onnx_path)
         self._session_options, self._providers = options, providers
         self._slot_sessions: dict[str, ort.InferenceSession] = {}  # "save", "load": built on first use
@@ -138,6 +143,14 @@ class OnnxRuntimeEngine(Engine):
 
     def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
         self._check_open()
+        rows, seq = input_ids.shape
+        if self.group_query_attention and rows > 1 and seq > 1 and write_indices.any():
+            return np.concatenate([self._run(state, input_ids[r:r + 1], write_indices[r:r + 1],
+                                             logits_indices[r:r + 1], first_row=r) for r in range(rows)])
+        return self._run(state, input_ids, write_indices, logits_indices, first_row=0)
+
+    def _run(self, state: OrtCacheState, input_ids, write_indices, logits_indices, first_row: int) -> np.ndarray:
+        """One session run over rows ``[first_row, first_row + rows)`` of the state."""
         rows = input_ids.shape[0]
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, input_ids)
@@ -146,13 +159,15 @@ class OnnxRuntimeEngine(Engine):
         # Attention reads only the filled prefix of the static cache: a step at position 64 does not pay for 2048.
         binding.bind_cpu_input(KV_SLOTS, np.arange(write_indices.max() + input_ids.shape[1], dtype=np.int64))
         binding.bind_output(LOGITS, "cpu")  # bound first: get_outputs() follows binding order
-        # The first `rows` rows of a [batch, ...] cache are a contiguous prefix of its buffer: bound by address,
-        # a step over fewer rows reads and writes only theirs.
+        # Rows [first_row, first_row + rows) of a [batch, ...] cache are a contiguous range of its buffer: bound by
+        # address, a step over fewer rows reads and writes only theirs.
         shape = (rows, *self.spec.cache_shape_per_row)
+        offset = first_row * self._row_bytes
         for layer, caches in enumerate(state.caches):
             for past, present, value in zip(past_names(layer), present_names(layer), caches):
-                binding.bind_input(past, self.device, 0, self._np_dtype, shape, value.data_ptr())
-                binding.bind_output(present, self.device, 0, self._np_dtype, shape, value.data_ptr())  # in place
+                binding.bind_input(past, self.device, 0, self._np_dtype, shape, value.data_ptr() + offset)
+                binding.bind_output(present, self.device, 0, self._np_dtype, shape,
+                                    value.data_ptr() + offset)  # in place
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
@@ -190,9 +205,8 @@ class OnnxRuntimeEngine(Engine):
         """Bind row ``row`` of every cache (a contiguous range of its buffer) as ``cache_{i}`` (and ``present_{i}``:
         in place)."""
         shape = (1, *self.spec.cache_shape_per_row)
-        row_bytes = int(np.prod(shape)) * np.dtype(self._np_dtype).itemsize
         for i, value in enumerate(value for pair in state.caches for value in pair):
-            address = value.data_ptr() + row * row_bytes
+            address = value.data_ptr() + row * self._row_bytes
             binding.bind_input(f"cache_{i}", self.device, 0, self._np_dtype, shape, address)
             if outputs:
                 binding.bind_output(f"present_{i}", self.device, 0, self._np_dtype, shape, address)

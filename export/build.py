@@ -36,11 +36,13 @@ from engines.artifact import (FORMAT_VERSION, MANIFEST, Build, FileEntry, Graph,
                               Source, TensorRT, sha256_file)
 from engines.base import LIMITS, GraphSpec
 from engines.memory import MemoryPlan, default_budget, quantized_weight_bytes
+from engines.onnxruntime import OnnxRuntimeEngine
 from reference import CohereConfig, resolve_checkpoint
 from reference.quantize import WeightQuantization, quantized_linear_weights
 from reference.weights import check_checkpoint
 
 from . import parity, quality
+from .gqa_graph import GQA_ONNX_FILE
 from .onnx_graph import ONNX_FILE, OPSET, export_graph
 from .reference_engine import StreamedReferenceEngine
 from .weights_writer import CheckpointWeights
@@ -320,7 +322,7 @@ def _build_into(tmp: Path, opts: ExportOptions, folder: Path, config: CohereConf
         source=Source(model=opts.model, folder=str(folder.resolve()),
                       files=_hash_files(sorted(_source_files(folder)), "hashing the checkpoint")),
         config=config.to_dict(),
-        graph=Graph(spec=spec, opset=OPSET, onnx_file=ONNX_FILE, **spec.io()),
+        graph=Graph(spec=spec, opset=OPSET, onnx_file=ONNX_FILE, onnxruntime_cpu_file=GQA_ONNX_FILE, **spec.io()),
         tensorrt=tensorrt,
         tools=_tool_versions(),
         quantization=None if quantization is None else Quantization(
@@ -388,6 +390,8 @@ def _verify(artifact: Artifact, folder: Path, quantization: WeightQuantization |
             if quantization is not None:
                 report["quality"] = _quality(artifact, folder, config, engine, quantization)
         report["reference"] = {"mode": "streamed", "largest_resident_bytes": reference.largest_resident_bytes}
+        if isinstance(engine, OnnxRuntimeEngine):  # which of the artifact's graphs was measured
+            report["onnx_file"] = engine.onnx_path.name
         log.info("verified %s; the streamed reference held at most %.1f MB of fp32 weights at once",
                  engine.backend, reference.largest_resident_bytes / 1e6)
         reports[engine.backend] = report

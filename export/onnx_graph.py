@@ -25,6 +25,7 @@ from reference.model import CohereForCausalLM
 
 from reference.quantize import WeightQuantization, quantized_linear_weights
 
+from .gqa_graph import GQA_ONNX_FILE, write_gqa_graph
 from .weights_writer import QuantizedWeight, StateDictWeights, WeightSource, WeightTensor, write_external_data
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def export_onnx(model: CohereForCausalLM, spec: GraphSpec, folder: Path,
 def export_graph(config: CohereConfig, weights: WeightSource, spec: GraphSpec, folder: Path,
                  quantization: WeightQuantization | None = None) -> Path:
     """Write ``folder/model.onnx`` and ``model.onnx.data`` (the weights as external data, in ``spec.dtype``, or
-    quantized) and return the graph's path. The graph is traced without weights; ``weights`` are then streamed into
+    quantized) and return the graph's path; also ``model.gqa.onnx``, ONNX Runtime CPU's variant of the graph over
+    the same data file (export/gqa_graph.py). The graph is traced without weights; ``weights`` are then streamed into
     the data file one block at a time, so the export's memory does not grow with the model."""
     dtype = getattr(torch, spec.dtype)
     model = trace(config, spec)
@@ -87,6 +89,8 @@ def export_graph(config: CohereConfig, weights: WeightSource, spec: GraphSpec, f
     # 2 GB protobuf limit.
     write_external_data(graph, folder, DATA_FILE)
     ir.save(model, path)
+    write_gqa_graph(path, folder / GQA_ONNX_FILE, config.num_attention_heads, config.num_key_value_heads,
+                    config.head_dim)
     return path
 
 

@@ -104,13 +104,20 @@ def reference_bounds(spec: GraphSpec) -> tuple[int, int]:
     return min(spec.max_batch, REFERENCE_MAX_BATCH), min(spec.max_context, REFERENCE_MAX_CONTEXT)
 
 
-def scenario(vocab_size: int, max_batch: int, max_context: int, seed: int = 0) -> tuple[list[list[int]], int]:
-    """Prompts of different lengths (up to 3 rows) and how many decode steps fit after them."""
+# Tokens the scenario's last step appends to its first row (fewer to the others) after the decode steps.
+CONTINUATION = 4
+
+
+def scenario(vocab_size: int, max_batch: int, max_context: int, seed: int = 0) -> tuple[list[list[int]], int, int]:
+    """Prompts of different lengths (up to 3 rows), how many decode steps fit after them, and how many tokens the
+    continuation step then appends (0 when they do not fit)."""
     rng = np.random.default_rng(seed)
     longest = max(1, min(16, max_context // 4))
     lengths = [longest, longest // 2 + 1, 1][:max_batch]
     prompts = [rng.integers(0, vocab_size, n).tolist() for n in lengths]
-    return prompts, max(1, min(8, max_context - longest - 1))
+    decode_steps = max(1, min(8, max_context - longest - 1))
+    continuation = CONTINUATION if longest + decode_steps + CONTINUATION <= max_context else 0
+    return prompts, decode_steps, continuation
 
 
 def measure(reference: Engine | torch.nn.Module, engine: Engine, seed: int = 0,
@@ -123,10 +130,10 @@ def measure(reference: Engine | torch.nn.Module, engine: Engine, seed: int = 0,
     spec = engine.spec
     if not isinstance(reference, Engine):
         reference = ReferenceEngine(reference, spec.max_batch, spec.max_context)
-    prompts, decode_steps = scenario(spec.vocab_size, spec.max_batch, spec.max_context, seed)
+    prompts, decode_steps, continuation = scenario(spec.vocab_size, spec.max_batch, spec.max_context, seed)
     logits_err, cache_err, agree, compared = ErrorStats(), ErrorStats(), 0, 0
 
-    for step in teacher_forced([reference, engine], prompts, decode_steps):
+    for step in teacher_forced([reference, engine], prompts, decode_steps, continuation):
         ref_logits, ours = step.logits
         ref_state, state = step.states
         logits_err.add(ours, ref_logits)
@@ -155,7 +162,8 @@ def measure(reference: Engine | torch.nn.Module, engine: Engine, seed: int = 0,
                  "tolerance": "equal" if tol.greedy_must_match else "reported", "passed":
                  same or not tol.greedy_must_match})
     return {"backend": engine.backend, "dtype": spec.dtype, "reference_dtype": reference.spec.dtype,
-            "prompt_lengths": [len(p) for p in prompts], "decode_steps": decode_steps, "rows": rows,
+            "prompt_lengths": [len(p) for p in prompts], "decode_steps": decode_steps,
+            "continuation_tokens": continuation, "rows": rows,
             "greedy_tokens_equal": same, "passed": all(r["passed"] for r in rows)}
 
 
@@ -167,7 +175,8 @@ def _row(name: str, err: ErrorStats, bound: float) -> dict:
 
 def format_table(report: dict) -> str:
     lines = [f"parity of {report['backend']} ({report['dtype']}) against the reference ({report['reference_dtype']}); "
-             f"prompts {report['prompt_lengths']}, {report['decode_steps']} decode steps",
+             f"prompts {report['prompt_lengths']}, {report['decode_steps']} decode steps, then "
+             f"{report['continuation_tokens']} tokens more",
              f"  {'output':<22}{'max_abs':>12}{'max_rel':>12}  {'tolerance':<22}result"]
     for r in report["rows"]:
         if "max_abs" in r:

@@ -100,6 +100,14 @@ def test_teacher_forced_feeds_every_engine_the_first_engines_tokens(model):
     row0 = prompts[0] + [int(t[0]) for t in tokens[:-1]]
     assert np.abs(steps[-1].logits[1][0] - plain_last_logits(other, row0)).max() <= 1e-5
 
+    # A continuation appends 3 tokens to row 0 and 2 to row 1, each at its own position.
+    steps = list(teacher_forced([leader, follower], prompts, 3, continuation=3))
+    last = steps[-1]
+    assert len(steps) == 5 and last.write_indices.tolist() == [3 + 3, 1 + 3]
+    assert last.logits_indices.tolist() == [2, 1] and last.filled.tolist() == [3 + 3 + 3, 1 + 3 + 2]
+    row1 = prompts[1] + [int(s.logits[0].argmax(-1)[1]) for s in steps[:-1]] + last.input_ids[1, 1:2].tolist()
+    assert np.abs(last.logits[1][1] - plain_last_logits(other, row1)).max() <= 1e-5
+
 
 def test_measure_takes_the_model_or_its_engine(model, tiny_artifact):
     engine = open_engine(Artifact.open(tiny_artifact), "onnxruntime-cpu")
@@ -115,12 +123,13 @@ def test_parity_figures_equal_a_plain_replay(model, tiny_artifact):
     rows = {r["output"]: r for r in report["rows"]}
 
     spec = engine.spec
-    prompts, decode_steps = parity.scenario(spec.vocab_size, spec.max_batch, spec.max_context)
+    prompts, decode_steps, continuation = parity.scenario(spec.vocab_size, spec.max_batch, spec.max_context)
+    assert continuation > 1
     batch, lengths = len(prompts), np.array([len(p) for p in prompts])
     caches, state = model.new_caches(batch, spec.max_context), engine.allocate(batch)
     ids, write, last = right_pad(prompts), np.zeros(batch, np.int64), lengths - 1
     logits_max, cache_max = 0.0, 0.0
-    for _ in range(1 + decode_steps):
+    for i in range(1 + decode_steps + 1):
         with torch.no_grad():
             want, caches = model(torch.from_numpy(ids), torch.from_numpy(write), torch.from_numpy(last), caches)
         got = engine.step(state, ids, write, last)
@@ -132,6 +141,10 @@ def test_parity_figures_equal_a_plain_replay(model, tiny_artifact):
                     cache_max = max(cache_max, float(np.abs(ours[b, :, :filled[b]].astype(np.float64)
                                                             - ref[b, :, :filled[b]].numpy()).max()))
         ids, write, last = want.argmax(-1)[:, None].numpy(), filled, np.zeros(batch, np.int64)
+        if i == decode_steps:  # the continuation: row b appends its greedy token and more of its own prompt
+            chunks = [[int(t)] + (p * continuation)[:max(1, continuation - b) - 1]
+                      for b, (t, p) in enumerate(zip(ids[:, 0], prompts))]
+            ids, last = right_pad(chunks), np.array([len(c) - 1 for c in chunks])
 
     assert rows["logits"]["max_abs"] == pytest.approx(logits_max, abs=1e-9) and logits_max <= 1e-4
     assert rows["kv_cache"]["max_abs"] == pytest.approx(cache_max, abs=1e-9) and cache_max <= 1e-4
@@ -160,10 +173,10 @@ def test_nan_on_either_side_fails_parity_and_is_counted(model, side):
     rows = {r["output"]: r for r in report["rows"]}
 
     # Independently: the damaged model's plain forward is NaN at every position, so every logit compared is.
-    prompts, decode_steps = parity.scenario(engine.spec.vocab_size, 3, 64)
+    prompts, decode_steps, continuation = parity.scenario(engine.spec.vocab_size, 3, 64)
     with torch.no_grad():
         assert all(damaged(torch.tensor([p])).isnan().all() for p in prompts)
-    every_logit = (1 + decode_steps) * len(prompts) * engine.spec.vocab_size
+    every_logit = (1 + decode_steps + (continuation > 0)) * len(prompts) * engine.spec.vocab_size
     assert rows["logits"]["non_finite"] == (every_logit if side != "reference" else 0)
     assert rows["logits"]["reference_non_finite"] == (every_logit if side != "engine" else 0)
     assert (rows["kv_cache"]["non_finite"] > 0) == (side != "reference")
@@ -191,8 +204,10 @@ def test_nan_logits_of_a_real_onnx_runtime_engine_fail_parity(model, tiny_artifa
     engine = open_engine(Artifact.open(copy), "onnxruntime-cpu")
     report = parity.measure(model, engine)
     rows = {r["output"]: r for r in report["rows"]}
-    prompts, decode_steps = parity.scenario(engine.spec.vocab_size, engine.spec.max_batch, engine.spec.max_context)
-    assert rows["logits"]["non_finite"] == (1 + decode_steps) * len(prompts) * engine.spec.vocab_size
+    prompts, decode_steps, continuation = parity.scenario(engine.spec.vocab_size, engine.spec.max_batch,
+                                                          engine.spec.max_context)
+    steps = 1 + decode_steps + (continuation > 0)
+    assert rows["logits"]["non_finite"] == steps * len(prompts) * engine.spec.vocab_size
     assert rows["logits"]["reference_non_finite"] == 0 and not rows["logits"]["passed"]
     assert rows["kv_cache"]["non_finite"] == 0 and rows["kv_cache"]["passed"]
     assert not report["passed"]
