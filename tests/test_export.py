@@ -61,9 +61,10 @@ def folder_digest(folder):
 def test_tiny_artifact_is_complete_and_verified(tiny_artifact):
     artifact = Artifact.open(tiny_artifact)  # checks every file's sha256
     m = artifact.manifest
-    assert set(m.files) == {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json",
+    assert set(m.files) == {"model.onnx", "model.onnx.data", "model.gqa.onnx", "config.json", "tokenizer.json",
                             "tokenizer_config.json", "generation_config.json"}
     assert m.parity.reports["onnxruntime-cpu"]["passed"]
+    assert m.parity.reports["onnxruntime-cpu"]["onnx_file"] == m.graph.onnxruntime_cpu_file == "model.gqa.onnx"
     assert m.graph.inputs["past_key_0"] == {"shape": ["batch", 2, 256, 32], "dtype": "float32"}
     assert not m.tensorrt.built and m.tensorrt.reason == "--engine onnx"
     assert m.source.files["model.safetensors"] and m.tools["onnxruntime"]
