@@ -136,7 +136,7 @@ class OnnxRuntimeEngine(Engine):
         if self.session is None:
             raise EngineError("this ONNX Runtime engine is closed; open the artifact again")
 
-    def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
+    def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices, first_row: int) -> np.ndarray:
         self._check_open()
         rows = input_ids.shape[0]
         binding = self.session.io_binding()
@@ -146,13 +146,15 @@ class OnnxRuntimeEngine(Engine):
         # Attention reads only the filled prefix of the static cache: a step at position 64 does not pay for 2048.
         binding.bind_cpu_input(KV_SLOTS, np.arange(write_indices.max() + input_ids.shape[1], dtype=np.int64))
         binding.bind_output(LOGITS, "cpu")  # bound first: get_outputs() follows binding order
-        # The first `rows` rows of a [batch, ...] cache are a contiguous prefix of its buffer: bound by address,
-        # a step over fewer rows reads and writes only theirs.
+        # Rows [first_row, first_row + rows) of a [batch, ...] cache are a contiguous range of its buffer: bound by
+        # address, a step over fewer rows reads and writes only theirs.
         shape = (rows, *self.spec.cache_shape_per_row)
+        row_bytes = int(np.prod(self.spec.cache_shape_per_row)) * np.dtype(self._np_dtype).itemsize
         for layer, caches in enumerate(state.caches):
             for past, present, value in zip(past_names(layer), present_names(layer), caches):
-                binding.bind_input(past, self.device, 0, self._np_dtype, shape, value.data_ptr())
-                binding.bind_output(present, self.device, 0, self._np_dtype, shape, value.data_ptr())  # in place
+                address = value.data_ptr() + first_row * row_bytes
+                binding.bind_input(past, self.device, 0, self._np_dtype, shape, address)
+                binding.bind_output(present, self.device, 0, self._np_dtype, shape, address)  # in place
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
