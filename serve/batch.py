@@ -158,8 +158,8 @@ class Batch:
     never padded to a prompt's width.
 
     * Rows whose pending run is one token (decoding, or a prompt's last token) share one engine call of width 1
-      over rows ``[0, last such row]``. A step runs no rows after it, so a lone request costs one row, not the
-      whole batch (new sequences take the lowest free row).
+      over rows ``[0, last such row]``, so a lone request costs one row, not the whole batch (new sequences take
+      the lowest free row).
     * Rows still prefilling (more than one pending token) run in calls of their own with ``first_row``; adjacent
       ones share a call. ``max_step_tokens`` (vLLM's ``max_num_batched_tokens``, for a scheduler) is the prompt
       tokens all of a step's prefills may write, handed out first come first served (``Sequence.started``): a long

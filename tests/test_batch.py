@@ -14,12 +14,15 @@ import pytest
 
 from engines import Artifact, open_engine
 from engines.greedy import right_pad
+from engines.tensorrt import TensorRTEngine
+from export.parity import TOLERANCES
 from export.reference_engine import ReferenceEngine
 from reference import load_model
 from serve import Generator
 from serve.batch import Batch
 from serve.prefix_cache import BLOCK_TOKENS
 from serve.sampling import SamplingParams
+from tests.test_tensorrt import _export_and_build, needs_runtime
 
 TOLERANCE = 1e-5  # the same row in another batch shape: float32 rounding, not a wrong row (logits are O(1))
 
@@ -92,6 +95,49 @@ def test_step_refuses_a_bad_first_row(request, engine_name, first_row, rows):
         engine.step(state, np.ones((rows, 1), np.int64), np.zeros(rows, np.int64), np.zeros(rows, np.int64),
                     first_row=first_row)
     assert all(np.abs(k).max() == 0 and np.abs(v).max() == 0 for k, v in engine.read_cache(state))
+
+
+@pytest.mark.gpu
+@needs_runtime
+def test_tensorrt_steps_from_a_first_row_run_eagerly_beside_the_decode_graphs(tmp_path):
+    """Rows stepped in ranges (first_row 0 and 2) equal the same rows stepped together. A decode from row 2 neither
+    replays nor captures a CUDA graph, even twice in a row with unchanged bindings, so the graph then captured for
+    rows [0, 2) holds rows 0-1, not 2-3, and the graph of rows [0, 4) still replays the right rows."""
+    spec, section = _export_and_build(tmp_path, "tiny", dtype="float32", max_batch=4, max_context=64)
+    prompts = [random_prompt(length, seed, spec.vocab_size) for seed, length in enumerate([9, 5, 12, 7])]
+    lengths = np.array([len(p) for p in prompts])
+    fed = np.random.default_rng(9).integers(7, spec.vocab_size, (7, 4))  # the token each row decodes at step i
+    zeros = np.zeros(4, np.int64)
+    with TensorRTEngine(tmp_path, spec, section) as engine:
+        together = engine.allocate(4)
+        expected = [engine.step(together, right_pad(prompts), zeros, lengths - 1)]
+        expected += [engine.step(together, fed[i, :, None], lengths + i, zeros) for i in range(7)]
+
+        split = engine.allocate(4)
+
+        def step(first_row: int, rows: int, i: int | None, used_graph: bool | None = None) -> None:
+            """Rows [first_row, first_row + rows) of ``split``: their prompts (i None) or decode step i."""
+            r = slice(first_row, first_row + rows)
+            if i is None:
+                ids, write, last = right_pad(prompts[r]), zeros[r], lengths[r] - 1
+            else:
+                ids, write, last = fed[i, r, None], lengths[r] + i, zeros[r]
+            logits = engine.step(split, ids, write, last, first_row=first_row)
+            assert np.abs(logits - expected[0 if i is None else i + 1][r]).max() <= TOLERANCES["float32"].logits_max_abs
+            assert used_graph is None or engine.last_step_used_graph == used_graph
+
+        step(0, 2, None)
+        step(2, 2, None)
+        step(0, 4, 0, False)  # eager after the bindings changed, then captured and replayed
+        step(0, 4, 1, True)
+        step(0, 4, 2, True)
+        step(2, 2, 3, False)  # from row 2: eager, the second time with unchanged bindings too
+        step(2, 2, 4, False)
+        step(0, 2, 3, False)  # rows [0, 2): eager after the switch, then a graph of their own
+        step(0, 2, 4, True)
+        step(0, 4, 5, False)
+        step(0, 4, 6, True)
+        assert set(split.graphs) == {(4, 64), (2, 64)}
 
 
 # --- Batch.step
