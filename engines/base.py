@@ -3,17 +3,20 @@
 An engine runs the exported decoder step. It knows tensors, not tokens:
 
     state = engine.allocate(batch)                    # zeroed static KV caches on the engine's device
-    logits = engine.step(state, input_ids, write_indices, logits_indices)   # caches advanced in place
+    logits = engine.step(state, input_ids, write_indices, logits_indices, first_row)   # caches advanced in place
 
-``input_ids [rows, seq]`` int64 are the new tokens of the first ``rows`` rows of the state (``rows <= batch``:
-a step over a half-empty batch costs what its live rows cost), right-padded; ``write_indices [rows]`` the
-position of each row's first new token, ``logits_indices [batch]`` which of the new tokens each row wants logits
-for. ``logits`` come back as a float32 numpy array ``[batch, vocab]``.
+``input_ids [rows, seq]`` int64 are the new tokens of rows ``[first_row, first_row + rows)`` of the state
+(``first_row`` defaults to 0; ``first_row + rows <= batch``: a step over a half-empty batch costs what its live
+rows cost, and a scheduler can prefill a few rows in a call of their own while the others decode in a call of
+width 1), right-padded; ``write_indices [rows]`` the position of each row's first new token, ``logits_indices
+[rows]`` which of the new tokens each row wants logits for. ``logits`` come back as a float32 numpy array
+``[rows, vocab]``, in the order of the stepped rows.
 
 The graph has one more input the engines fill themselves: ``kv_slots = arange(L)``, the cache slots attention
 reads, ``L >= max(write_indices) + seq``. ONNX Runtime passes the filled prefix, so a step costs what its context
 costs; TensorRT does the same for prefill and passes a bucket of slots for decode (a power of two from 256, or
-``max_context``), so decode has few shapes, each replayed as a CUDA graph.
+``max_context``), so decode has few shapes, each replayed as a CUDA graph (decode from row 0; a step with
+another ``first_row`` runs eagerly).
 Rows are independent: each row's logits equal running that row alone. Every row needs
 ``write_indices[b] + seq <= max_context``.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -121,17 +125,19 @@ class Engine(abc.ABC):
     def allocate(self, batch: int):
         """A zeroed KV-cache state for ``batch`` rows, living on the engine's device."""
 
-    def step(self, state, input_ids: np.ndarray, write_indices: np.ndarray,
-             logits_indices: np.ndarray) -> np.ndarray:
-        """Run one forward over new tokens; returns float32 logits ``[rows, vocab]``, advances ``state``."""
-        input_ids, write_indices, logits_indices = self._check_step(state.batch, input_ids, write_indices,
-                                                                    logits_indices)
-        return self._step(state, input_ids, write_indices, logits_indices)
+    def step(self, state, input_ids: np.ndarray, write_indices: np.ndarray, logits_indices: np.ndarray,
+             first_row: int = 0) -> np.ndarray:
+        """Run one forward over new tokens of rows ``[first_row, first_row + rows)``; returns float32 logits
+        ``[rows, vocab]``, advances those rows of ``state`` and leaves the others untouched."""
+        input_ids, write_indices, logits_indices, first_row = self._check_step(
+            state.batch, input_ids, write_indices, logits_indices, first_row)
+        return self._step(state, input_ids, write_indices, logits_indices, first_row)
 
     @abc.abstractmethod
-    def _step(self, state, input_ids: np.ndarray, write_indices: np.ndarray,
-              logits_indices: np.ndarray) -> np.ndarray:
-        """``step`` after its checks: contiguous int64 arrays of consistent shapes, inside the artifact's bounds."""
+    def _step(self, state, input_ids: np.ndarray, write_indices: np.ndarray, logits_indices: np.ndarray,
+              first_row: int) -> np.ndarray:
+        """``step`` after its checks: contiguous int64 arrays of consistent shapes, inside the artifact's bounds,
+        and rows ``[first_row, first_row + rows)`` inside the state."""
 
     def save_slots(self, state, row: int, start: int, count: int):
         """A copy, on the engine's device, of cache slots ``[start, start + count)`` of ``row`` in every layer's
@@ -177,14 +183,20 @@ class Engine(abc.ABC):
                              f"max_context {self.spec.max_context}")
 
     def _check_step(self, state_batch: int, input_ids: np.ndarray, write_indices: np.ndarray,
-                    logits_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Validate and normalise step inputs to contiguous int64; errors name the argument."""
+                    logits_indices: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Validate and normalise step inputs to contiguous int64 and an int ``first_row``; errors name the
+        argument."""
+        if isinstance(first_row, bool) or not isinstance(first_row, numbers.Integral) or not (
+                0 <= first_row < state_batch):
+            raise ValueError(f"first_row {first_row!r}: must be an integer in [0, {state_batch}) (the state's batch)")
+        first_row = int(first_row)
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         write_indices = np.ascontiguousarray(write_indices, dtype=np.int64)
         logits_indices = np.ascontiguousarray(logits_indices, dtype=np.int64)
-        if input_ids.ndim != 2 or not 1 <= input_ids.shape[0] <= state_batch or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids has shape {input_ids.shape}; expected [rows, seq] with rows in "
-                             f"[1, {state_batch}] (the state's batch) and seq >= 1")
+        if input_ids.ndim != 2 or not 1 <= input_ids.shape[0] <= state_batch - first_row or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids has shape {input_ids.shape}; expected [rows, seq] with seq >= 1 and rows in "
+                             f"[1, {state_batch - first_row}]: first_row {first_row} + rows must not exceed the "
+                             f"state's batch {state_batch}")
         rows, seq = input_ids.shape
         if write_indices.shape != (rows,) or logits_indices.shape != (rows,):
             raise ValueError(f"write_indices {write_indices.shape} and logits_indices {logits_indices.shape} "
@@ -196,4 +208,4 @@ class Engine(abc.ABC):
             raise ValueError(f"logits_indices {logits_indices.tolist()} must lie in [0, {seq})")
         if (input_ids < 0).any() or (input_ids >= self.spec.vocab_size).any():
             raise ValueError(f"input_ids hold a token id outside [0, {self.spec.vocab_size})")
-        return input_ids, write_indices, logits_indices
+        return input_ids, write_indices, logits_indices, first_row

@@ -141,13 +141,13 @@ class OnnxRuntimeEngine(Engine):
         if self.session is None:
             raise EngineError("this ONNX Runtime engine is closed; open the artifact again")
 
-    def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices) -> np.ndarray:
+    def _step(self, state: OrtCacheState, input_ids, write_indices, logits_indices, first_row: int) -> np.ndarray:
         self._check_open()
         rows, seq = input_ids.shape
         if self.group_query_attention and rows > 1 and seq > 1 and write_indices.any():
             return np.concatenate([self._run(state, input_ids[r:r + 1], write_indices[r:r + 1],
-                                             logits_indices[r:r + 1], first_row=r) for r in range(rows)])
-        return self._run(state, input_ids, write_indices, logits_indices, first_row=0)
+                                             logits_indices[r:r + 1], first_row + r) for r in range(rows)])
+        return self._run(state, input_ids, write_indices, logits_indices, first_row)
 
     def _run(self, state: OrtCacheState, input_ids, write_indices, logits_indices, first_row: int) -> np.ndarray:
         """One session run over rows ``[first_row, first_row + rows)`` of the state."""

@@ -155,7 +155,8 @@ class TensorRTState:
         self.caches = caches
         self.logits = logits
         self.decode_inputs = decode_inputs  # fixed addresses, so a captured graph can be replayed
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # decode graphs by (rows, kv bucket)
+        # decode graphs of rows [0, rows) by (rows, kv bucket)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
 
 class _ProfileContext:
@@ -169,8 +170,8 @@ class _ProfileContext:
 
 
 class TensorRTEngine(Engine):
-    """Runs ``model.plan`` with ``execute_async_v3``; decode steps replay a CUDA graph once captured, one per
-    number of rows and bucket of cache slots (``kv_buckets``), captured the second time that shape is stepped.
+    """Runs ``model.plan`` with ``execute_async_v3``; decode steps from row 0 replay a CUDA graph once captured, one
+    per number of rows and bucket of cache slots (``kv_buckets``), captured the second time that shape is stepped.
 
     One execution context per optimisation profile (prefill, decode), both on one device-memory buffer, as
     TensorRT-LLM's runtime does: a context never switches profiles, so the decode graphs captured on the decode
@@ -275,14 +276,15 @@ class TensorRTEngine(Engine):
         return TensorRTState(batch, caches, logits, decode_inputs)
 
     def _bind(self, bound: _ProfileContext, inputs: dict[str, torch.Tensor], state: TensorRTState,
-              rows: int) -> bool:
-        """Point the context at these tensors (the first ``rows`` rows of the state's caches, a contiguous prefix
-        of each buffer); calls TensorRT only for what changed. True if anything did."""
+              first_row: int, rows: int) -> bool:
+        """Point the context at these tensors (rows ``[first_row, first_row + rows)`` of the state's caches, a
+        contiguous range of each buffer); calls TensorRT only for what changed. True if anything did."""
         changed = False
         input_tensors, output_tensors = dict(inputs), {LOGITS: state.logits[:rows]}
         for layer, (k, v) in enumerate(state.caches):
             for past, present, cache in zip(past_names(layer), present_names(layer), (k, v)):
-                input_tensors[past] = output_tensors[present] = cache[:rows]  # in place: one buffer for both
+                # in place: one buffer for both; a view of a row range keeps the buffer's device addresses
+                input_tensors[past] = output_tensors[present] = cache[first_row:first_row + rows]
         for name, tensor in input_tensors.items():
             shape = tuple(tensor.shape)
             if bound.shapes.get(name) != shape:
@@ -326,7 +328,7 @@ class TensorRTEngine(Engine):
         self._states_with_graphs.add(state)
 
     def _step(self, state: TensorRTState, input_ids: np.ndarray, write_indices: np.ndarray,
-              logits_indices: np.ndarray) -> np.ndarray:
+              logits_indices: np.ndarray, first_row: int) -> np.ndarray:
         self._check_open()
         (rows, seq), decode = input_ids.shape, input_ids.shape[1] == 1
         if input_ids.shape[1] > self._prefill_max_seq:
@@ -347,9 +349,11 @@ class TensorRTEngine(Engine):
             else:
                 inputs = {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
             inputs[KV_SLOTS] = state.decode_inputs[KV_SLOTS][:slots]
-            changed = self._bind(bound, inputs, state, rows)
+            changed = self._bind(bound, inputs, state, first_row, rows)
             key = (rows, slots)
-            if decode and self._use_cuda_graphs and not changed:
+            # Graphs are keyed by (rows, bucket) and hold the cache addresses of rows [0, rows): a step from another
+            # first_row (a scheduler's rare decode of a row range) runs eagerly, neither replaying nor capturing.
+            if decode and first_row == 0 and self._use_cuda_graphs and not changed:
                 # TensorRT needs one eager enqueue after any shape/address change before capture or replay is
                 # valid, which the `changed` step before this one did: it leaves the context's host-side state at
                 # this (rows, bucket), which the graph of this same key replays. Each switch runs once eagerly.

@@ -54,11 +54,11 @@ class ReferenceEngine(Engine):
             raise ValueError(f"batch {batch} outside [1, max_batch={self.spec.max_batch}] of this engine")
         return ReferenceState(batch, self.model.new_caches(batch, self.spec.max_context))
 
-    def _step(self, state: ReferenceState, input_ids, write_indices, logits_indices) -> np.ndarray:
+    def _step(self, state: ReferenceState, input_ids, write_indices, logits_indices, first_row: int) -> np.ndarray:
         rows = input_ids.shape[0]
         caches = state.caches
-        if rows < state.batch:  # views of the first `rows` rows: the model writes through them into the state
-            caches = [(k[:rows], v[:rows]) for k, v in caches]
+        if rows < state.batch:  # views of the stepped rows: the model writes through them into the state
+            caches = [(k[first_row:first_row + rows], v[first_row:first_row + rows]) for k, v in caches]
         with torch.inference_mode():
             logits, _ = self.model(torch.from_numpy(input_ids), torch.from_numpy(write_indices),
                                    torch.from_numpy(logits_indices), caches)

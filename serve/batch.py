@@ -3,10 +3,11 @@
 * ``Sequence``: one request's state: its tokens, the tokens not yet in the KV cache (``pending``), its position,
   its sampler and random generator, and its text (streaming detokenizer plus stop-string hold-back).
 * ``Batch``: the rows of one engine cache state. ``add`` puts a sequence in the lowest free row and returns that
-  row; ``release`` frees a row (a cancelled request); ``step`` runs one engine call over every live sequence
-  (prompt tokens for new ones, the last sampled token for the others), samples for those whose pending tokens are
-  all in, and frees the rows of sequences that finished. A scheduler thread owns one Batch, ``add``s requests as
-  rows free up, and routes each step's text deltas to its clients.
+  row; ``release`` frees a row (a cancelled request); ``step`` feeds every live sequence (the last sampled token
+  for decoding ones, in one engine call of width 1; prompt chunks for new ones, in calls of their own, so decoding
+  rows are never padded to a prompt's width), samples for those whose pending tokens are all in, and frees the
+  rows of sequences that finished. A scheduler thread owns one Batch, ``add``s requests as rows free up, and
+  routes each step's text deltas to its clients.
 """
 
 from __future__ import annotations
@@ -153,15 +154,23 @@ class Sequence:
 class Batch:
     """The rows of one engine cache state, each holding at most one live Sequence.
 
-    Every ``step`` is one engine call over all rows. A live sequence writes up to ``width`` of its pending tokens at
-    its own position; the width is the longest pending run, capped so that every live row stays inside
-    ``max_context`` (and by ``max_step_tokens``, for a scheduler that wants to chunk long prompts so running
-    sequences keep streaming). A prompt longer than the width is prefilled over several steps. A step runs only the
-    rows up to the last live one (new sequences take the lowest free row), so a lone request costs one row, not
-    the whole batch. Free rows below it write a pad token at slot 0: their cache is dead, and a new sequence's
-    prefill overwrites it from slot 0. Tokens right-padded
-    past a row's real ones land in slots after its position, which attention masks until real tokens overwrite
-    them, so each row computes exactly what it would alone.
+    A ``step`` feeds every live sequence's next tokens, chunked prefill as vLLM schedules it: decoding rows are
+    never padded to a prompt's width.
+
+    * Rows whose pending run is one token (decoding, or a prompt's last token) share one engine call of width 1
+      over rows ``[0, last such row]``, so a lone request costs one row, not the whole batch (new sequences take
+      the lowest free row).
+    * Rows still prefilling (more than one pending token) run in calls of their own with ``first_row``; adjacent
+      ones share a call. ``max_step_tokens`` (vLLM's ``max_num_batched_tokens``, for a scheduler) is the prompt
+      tokens all of a step's prefills may write, handed out first come first served (``Sequence.started``): a long
+      prompt is prefilled over several steps and stalls the decoding rows for one budget's worth of compute at a
+      time. Without it (offline generation) each prefill writes its whole pending run in one step.
+
+    Inside the width-1 call, a free row writes a pad token at slot 0 (its cache is dead, and a new sequence's
+    prefill overwrites it from slot 0) and a prefilling row one at its own ``position``, without advancing it: the
+    slot lies beyond its real tokens, and its next chunk, written from ``position``, overwrites it. Tokens
+    right-padded past a row's real ones in a prefill call likewise land in slots that attention masks until real
+    tokens overwrite them, so each row computes exactly what it would alone.
 
     With a ``prefix_cache``, ``add`` copies the longest cached prefix of the prompt into the row (the sequence then
     prefills only the rest), and a step that completes a prompt's prefill stores its full blocks.
@@ -203,33 +212,22 @@ class Batch:
         self.rows[row] = None
 
     def step(self) -> list[Sequence]:
-        """One engine call; returns the sequences that sampled a token (finished ones have left their row)."""
-        live = self.live
-        if not live:
-            return []
-        max_context = self.engine.spec.max_context
-        width = min(max(len(seq.pending) for seq in live), min(max_context - seq.position for seq in live),
-                    self.max_step_tokens or max_context)
-        rows = max(row for row, seq in enumerate(self.rows) if seq is not None) + 1
-        input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)
-        write_indices = np.zeros(rows, dtype=np.int64)
-        logits_indices = np.zeros(rows, dtype=np.int64)
-        fed = [0] * rows
-        for row, seq in enumerate(self.rows[:rows]):
-            if seq is None:
-                continue
-            chunk = seq.pending[:width]
-            fed[row] = len(chunk)
-            input_ids[row, :len(chunk)] = chunk
-            write_indices[row] = seq.position
-            logits_indices[row] = len(chunk) - 1
-        logits = self.engine.step(self.state, input_ids, write_indices, logits_indices)
+        """A width-1 engine call for the decoding rows and one per run of adjacent prefilling rows; returns the
+        sequences that sampled a token (finished ones have left their row)."""
+        chunks = self._prefill_chunks()
+        decoding = {row: 1 for row, seq in enumerate(self.rows) if seq is not None and len(seq.pending) == 1}
+        logits: dict[int, np.ndarray] = {}
+        # The width-1 call first: it pads the prefilling rows below its last row at their position, before their
+        # chunks are written from there.
+        if decoding:
+            logits.update(self._call(range(max(decoding) + 1), 1, decoding))
+        for rows in self._prefill_calls(chunks):
+            logits.update(self._call(rows, max(chunks[row] for row in rows), chunks))
         sampled = []
-        for row, seq in enumerate(self.rows[:rows]):
-            if seq is None:
-                continue
-            seq.consumed(fed[row])
-            if seq.pending:  # a prompt longer than this step's width: no next token yet
+        for row, count in sorted({**chunks, **decoding}.items()):
+            seq = self.rows[row]
+            seq.consumed(count)
+            if seq.pending:  # a prompt longer than this step's chunk: no next token yet
                 continue
             if self.prefix_cache is not None and not seq.token_ids:  # its prompt is all in the cache now
                 self.prefix_cache.store(self.engine, self.state, row, seq.prompt_ids)
@@ -238,3 +236,55 @@ class Batch:
             if seq.finished:
                 self.rows[row] = None
         return sampled
+
+    def _prefill_chunks(self) -> dict[int, int]:
+        """Row -> how many pending tokens each prefilling row writes this step: the oldest requests first, within
+        ``max_step_tokens`` for them all; a row the budget does not reach waits for a later step. (A prompt is
+        shorter than ``max_context`` and a sequence stops generating there, so a pending run always fits.)"""
+        budget = self.max_step_tokens
+        chunks = {}
+        prefilling = sorted((seq.started, row) for row, seq in enumerate(self.rows)
+                            if seq is not None and len(seq.pending) > 1)
+        for _, row in prefilling:
+            chunk = len(self.rows[row].pending)
+            if budget is not None:
+                chunk = min(chunk, budget)
+                budget -= chunk
+            if chunk:
+                chunks[row] = chunk
+        return chunks
+
+    def _prefill_calls(self, chunks: dict[int, int]) -> list[range]:
+        """The rows of ``chunks`` as runs of adjacent rows, one engine call each. Adjacent rows share a call, padded
+        to its widest chunk, while every row's padding stays inside ``max_context`` and, with ``max_step_tokens``,
+        the call's padded tokens stay inside that budget (a 255-token chunk does not pad a 1-token one to 255)."""
+        max_context = self.engine.spec.max_context
+        calls: list[range] = []
+        for row in sorted(chunks):
+            if calls and calls[-1].stop == row:
+                merged = range(calls[-1].start, row + 1)
+                width = max(chunks[r] for r in merged)
+                fits = all(self.rows[r].position + width <= max_context for r in merged)
+                if fits and (self.max_step_tokens is None or len(merged) * width <= self.max_step_tokens):
+                    calls[-1] = merged
+                    continue
+            calls.append(range(row, row + 1))
+        return calls
+
+    def _call(self, rows: range, width: int, counts: dict[int, int]) -> dict[int, np.ndarray]:
+        """One engine call over the adjacent ``rows``, ``width`` tokens each: a row in ``counts`` writes that many of
+        its pending tokens at its position; any other live row a pad token at its position (not advanced), a free
+        row one at slot 0. Returns the logits of the rows in ``counts``, at their last written token."""
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        write_indices = np.zeros(len(rows), dtype=np.int64)
+        logits_indices = np.zeros(len(rows), dtype=np.int64)
+        for i, row in enumerate(rows):
+            seq = self.rows[row]
+            if seq is None:
+                continue
+            write_indices[i] = seq.position
+            if row in counts:
+                input_ids[i, :counts[row]] = seq.pending[:counts[row]]
+                logits_indices[i] = counts[row] - 1
+        logits = self.engine.step(self.state, input_ids, write_indices, logits_indices, rows.start)
+        return {row: logits[i] for i, row in enumerate(rows) if row in counts}

@@ -32,8 +32,9 @@ from .generator import Generator
 
 log = logging.getLogger(__name__)
 
-# Prompt tokens one row may prefill per step. Every row of a step is padded to the widest row, so an uncapped long
-# prompt would stall every streaming row for the whole prefill; chunks keep them ticking.
+# Prompt tokens all prefilling rows together may write per step (vLLM's max_num_batched_tokens): decoding rows run
+# in a call of their own, so an uncapped long prompt would still hold their next token back for its whole prefill;
+# chunks of it keep them ticking.
 PREFILL_CHUNK = 256
 # How long the idle thread waits for work before looking at the stop flag again.
 IDLE_POLL_S = 0.1

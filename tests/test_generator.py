@@ -122,9 +122,9 @@ def test_a_batch_steps_only_the_rows_up_to_its_last_live_one(gen):
         def allocate(self, batch):
             return gen.engine.allocate(batch)
 
-        def step(self, state, input_ids, write_indices, logits_indices):
+        def step(self, state, input_ids, write_indices, logits_indices, first_row=0):
             rows_stepped.append(len(input_ids))
-            return gen.engine.step(state, input_ids, write_indices, logits_indices)
+            return gen.engine.step(state, input_ids, write_indices, logits_indices, first_row)
 
     params = SamplingParams(max_new_tokens=3)
     batch = Batch(RecordingEngine(), 4, gen.pad_token_id)
@@ -303,11 +303,12 @@ class ScriptedEngine(Engine):
     def allocate(self, batch):
         return _ScriptState(batch)
 
-    def _step(self, state, input_ids, write_indices, logits_indices):
+    def _step(self, state, input_ids, write_indices, logits_indices, first_row):
         logits = np.zeros((len(input_ids), self.spec.vocab_size), np.float32)
-        for row, position in enumerate(write_indices):
+        for i, position in enumerate(write_indices):
+            row = first_row + i
             state.steps[row] = 0 if position == 0 else state.steps[row] + 1  # position 0: a new prompt
-            logits[row, self.script[min(state.steps[row], len(self.script) - 1)]] = 1.0
+            logits[i, self.script[min(state.steps[row], len(self.script) - 1)]] = 1.0
         return logits
 
     def read_cache(self, state):
