@@ -72,15 +72,16 @@ def test_a_variant_the_files_section_does_not_list_is_refused(tiny_artifact, tmp
 def ragged_steps(vocab: int):
     """Every kind of step the serving loop makes: a ragged prefill, decode at different positions, a multi-row
     continuation over non-empty caches (chunked prefill, a prompt after a cached prefix), a step over fewer rows
-    than the state holds, and a one-row continuation."""
+    than the state holds, a continuation of rows further down the state, and a one-row continuation."""
     rng = np.random.default_rng(3)
     ids = lambda rows, seq: rng.integers(0, vocab, (rows, seq))  # noqa: E731
     return [
-        (ids(3, 9), [0, 0, 0], [8, 4, 0]),
-        (ids(3, 1), [9, 5, 1], [0, 0, 0]),
-        (ids(3, 5), [10, 6, 2], [4, 2, 0]),  # rows at different positions, right-padded
-        (ids(2, 1), [15, 9], [0, 0]),  # the first two rows only
-        (ids(1, 7), [16], [6]),
+        (ids(3, 9), [0, 0, 0], [8, 4, 0], 0),
+        (ids(3, 1), [9, 5, 1], [0, 0, 0], 0),
+        (ids(3, 5), [10, 6, 2], [4, 2, 0], 0),  # rows at different positions, right-padded
+        (ids(2, 1), [15, 9], [0, 0], 0),  # the first two rows only
+        (ids(2, 3), [10, 3], [2, 1], 1),  # rows 1 and 2
+        (ids(1, 7), [16], [6], 0),
     ]
 
 
@@ -91,14 +92,14 @@ def test_the_variant_computes_what_the_portable_graph_and_the_reference_compute(
                OnnxRuntimeEngine(tiny_artifact / ONNX_FILE, spec, "cpu"),
                OnnxRuntimeEngine(tiny_artifact / GQA_ONNX_FILE, spec, "cpu", group_query_attention=True)]
     states = [engine.allocate(3) for engine in engines]
-    for input_ids, write_indices, logits_indices in ragged_steps(spec.vocab_size):
+    for input_ids, write_indices, logits_indices, first_row in ragged_steps(spec.vocab_size):
         with torch.no_grad():
             reference, portable, variant = (engine.step(state, input_ids, np.array(write_indices),
-                                                        np.array(logits_indices))
+                                                        np.array(logits_indices), first_row)
                                             for engine, state in zip(engines, states))
         assert np.abs(variant - reference).max() <= 1e-4
         assert np.abs(variant - portable).max() <= 1e-5
-    filled = [23, 14, 7]  # slots holding real tokens of each row after the steps
+    filled = [23, 13, 5]  # slots holding real tokens of each row after the steps
     for (rk, rv), (k, v) in zip(engines[0].read_cache(states[0]), engines[2].read_cache(states[2])):
         for row, n in enumerate(filled):
             assert np.abs(k[row, :, :n] - rk[row, :, :n]).max() <= 1e-4
