@@ -14,15 +14,15 @@ Runtimes, on the same random prompts (``bench.worker.prompts``):
 * ``llama.cpp f32``: the converter's f32 file on 2 threads, in a process of its own per run (``bench.worker``), when
   llama-cpp-python and a llama.cpp source tree are available (``bench.llamacpp``); skipped, saying why, otherwise.
 
-Scenarios: prompts of 64, 2048 and 8184 tokens (8192 less the new tokens' room), a few new tokens each. Time to
+Scenarios: prompts of 64, 2048 and 8176 tokens (8192 less the new tokens' room), 16 new tokens each. Time to
 first token is the prompt's prefill, in one step; the step "at context N" is the mean decode step after an N-token
-prompt. Every runtime runs a scenario before the next scenario starts, one runtime at a time (an 8184-token
-prefill's attention scores alone are 12 heads x 8184 x 8192 x 4 bytes = 3.2 GB), and ratios are taken within a
+prompt. Every runtime runs a scenario before the next scenario starts, one runtime at a time (an 8176-token
+prefill's attention scores alone are 12 heads x 8176 x 8192 x 4 bytes = 3.2 GB), and ratios are taken within a
 repeat, as the rest of the benchmark does: on a shared machine absolute times drift, ratios measured together much
 less.
 
 The issue's targets (judged on the median over repeats, with the minimum shown): the step at 2048 within 1.3x the
-step at 64 and at 8184 within 2x; time to first token at 2048 and 8184 no more than transformers'; decode after a
+step at 64 and at 8176 within 2x; time to first token at 2048 and 8176 no more than transformers'; decode after a
 2048-token prompt at least llama.cpp f32's. A missed target says by how much and why, from ONNX Runtime's profile
 of our engine (``bench.profile.decode_step_profile``: per-op-type milliseconds of the decode steps after a prompt
 of that length, and of the prefill).
@@ -48,7 +48,7 @@ from engines.cli import configure_logging
 from . import checkpoints, llamacpp, quantized, runners, worker
 from .profile import decode_step_profile
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bench.long_context")  # not __name__: that is "__main__" under python -m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,9 @@ class Plan:
         return self.short, self.mid, self.long
 
 
-# The long prompt leaves room for the new tokens and the profile's 8 decode steps in the 8192-token cache.
-FULL = Plan(size="100m", max_context=8192, short=64, mid=2048, long=8192 - 8, new_tokens=6)
+# The long prompt leaves room for the new tokens and the profile's 8 decode steps in the cache. 15 decode steps per
+# run: on a shared 2-core machine a step or two of a few is often preempted, which a mean over 5 steps would carry.
+FULL = Plan(size="100m", max_context=8192, short=64, mid=2048, long=8192 - 16, new_tokens=16)
 QUICK = Plan(size="tiny", max_context=512, short=32, mid=256, long=512 - 8, new_tokens=3)
 
 # Issue 14's bounds: the decode step at the mid and long context over the step at the short one.
@@ -96,7 +97,8 @@ class Portable:
 class LlamaCppF32:
     """llama.cpp's f32 file, one ``bench.worker`` process per run: its OpenMP threads wait passively there
     (``llamacpp.ENVIRONMENT``), which they could not in this process, where torch has started OpenMP already. The
-    worker makes the same prompts from their shape (``worker.prompts``), so the ids are the other runtimes'."""
+    worker makes the same prompts from their shape (``worker.prompts``), so the ids are the other runtimes'. Its time
+    to first token includes making its context for the prompt's length, as ours includes allocating the KV cache."""
 
     name = LLAMA_CPP
 
@@ -170,7 +172,7 @@ def measure(made: list, about: dict, plan: Plan, repeats: int) -> list[dict]:
                              "repeat": repeat, **dataclasses.asdict(timing)})
                 log.info("%s long context [%d/%d] repeat %d, prompt %d: %s TTFT %.3f s, step %.1f ms", plan.size,
                          len(runs), total, repeat + 1, length, runner.name, timing.ttft_s, timing.step_s * 1e3)
-                gc.collect()  # the prefill's activations go before the next runtime's prefill
+                gc.collect()  # whatever the run left in reference cycles goes before the next runtime's prefill
     log.info("%s long context: measured in %.0f s", plan.size, time.perf_counter() - started)
     return runs
 
