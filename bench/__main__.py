@@ -4,7 +4,7 @@ llama.cpp's f32, Q8_0 and Q4_K_M files of the same checkpoint, then long context
 checkpoint with an 8192-token cache; the tiny one with 512 under --quick), in one run. Writes results.json,
 results.md and results.png.
 
-    python -m bench                       # tiny and 100m, 3 repeats (about 30 minutes on a 2-core CPU)
+    python -m bench                       # tiny and 100m, 3 repeats (about an hour on a 2-core CPU)
     python -m bench --llama-cpp-source vendor/llama.cpp   # with llama.cpp as a peer (llama-cpp-python installed)
     python -m bench --sizes tiny --quick  # a smoke test of the whole benchmark
 """
