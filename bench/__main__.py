@@ -1,9 +1,10 @@
 """``python -m bench``: export random-weight Cohere checkpoints and measure our engine against the reference model,
 HF transformers and this machine's memory bandwidth, then our int8 and int4 artifacts against our fp32 one and
-llama.cpp's f32, Q8_0 and Q4_K_M files of the same checkpoint, in one run. Writes results.json, results.md and
-results.png.
+llama.cpp's f32, Q8_0 and Q4_K_M files of the same checkpoint, then long contexts (``bench.long_context``: the 100m
+checkpoint with an 8192-token cache; the tiny one with 512 under --quick), in one run. Writes results.json,
+results.md and results.png.
 
-    python -m bench                       # tiny and 100m, 3 repeats (about 30 minutes on a 2-core CPU)
+    python -m bench                       # tiny and 100m, 3 repeats (about an hour on a 2-core CPU)
     python -m bench --llama-cpp-source vendor/llama.cpp   # with llama.cpp as a peer (llama-cpp-python installed)
     python -m bench --sizes tiny --quick  # a smoke test of the whole benchmark
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from engines.cli import configure_logging
 
-from . import checkpoints, llamacpp, machine, quantized, report, runners
+from . import checkpoints, llamacpp, long_context, machine, quantized, report, runners
 from .profile import decode_step_profile
 
 log = logging.getLogger("bench")
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                                          quantized_plan, args.quick, llama_cpp_source)
                         for size in args.sizes}
     results["trained"] = quantized.trained_model(args.out, args.quick)
+    long_plan = long_context.QUICK if args.quick else long_context.FULL
+    if args.quick or long_plan.size in args.sizes:
+        results["long_context"] = long_context.bench(long_plan, args.repeats, args.out, not args.no_transformers,
+                                                     llama_cpp_source)
     report.summarise(results)
     results["wall_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

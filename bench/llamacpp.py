@@ -148,12 +148,13 @@ class LlamaCpp:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.threads = threads
         self.n_ctx_per_row = n_ctx_per_row
-        self.contexts: dict[int, tuple] = {}
+        self.contexts: dict[int, tuple] = {}  # rows: (context, its llama_batch, the tokens one decode call takes)
 
     def _context(self, batch: int, tokens: int):
         lib = self.lib
-        if batch not in self.contexts:
-            for ctx, llama_batch in self.contexts.values():  # one context at a time: its KV cache is what is resident
+        # A context made for a shorter prompt (the warm-up's) takes fewer tokens per call than this one: made anew.
+        if batch not in self.contexts or self.contexts[batch][2] < tokens:
+            for ctx, llama_batch, _ in self.contexts.values():  # one context at a time: its KV cache is resident
                 lib.llama_batch_free(llama_batch)
                 lib.llama_free(ctx)
             self.contexts.clear()
@@ -165,8 +166,8 @@ class LlamaCpp:
             ctx = lib.llama_init_from_model(self.model, params)
             if not ctx:
                 raise RuntimeError(f"llama.cpp could not make a context of {batch} x {self.n_ctx_per_row} tokens")
-            self.contexts[batch] = (ctx, lib.llama_batch_init(max(tokens, 512), 0, batch))
-        ctx, llama_batch = self.contexts[batch]
+            self.contexts[batch] = (ctx, lib.llama_batch_init(max(tokens, 512), 0, batch), max(tokens, 512))
+        ctx, llama_batch, _ = self.contexts[batch]
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         return ctx, llama_batch
 
@@ -200,7 +201,7 @@ class LlamaCpp:
         return out
 
     def close(self) -> None:
-        for ctx, llama_batch in self.contexts.values():
+        for ctx, llama_batch, _ in self.contexts.values():
             self.lib.llama_batch_free(llama_batch)
             self.lib.llama_free(ctx)
         self.contexts.clear()

@@ -17,13 +17,18 @@ from engines.onnxruntime import OnnxRuntimeEngine
 log = logging.getLogger(__name__)
 
 
-def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, steps: int = 8) -> dict:
+def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, steps: int = 8,
+                        portable: bool = False) -> dict:
     """Prefill ``prompt_tokens`` at batch 1, then profile ``steps`` decode steps; per-op-type milliseconds per step
-    (medians over the steps), and how much of a step no kernel accounts for (IO binding, Python, ORT's scheduling)."""
+    (medians over the steps), and how much of a step no kernel accounts for (IO binding, Python, ORT's scheduling).
+    The prefill's own per-op-type milliseconds come with it (one run: where a long prompt's time goes).
+
+    ``portable``: profile the portable graph (``model.onnx``) even where the artifact has ONNX Runtime CPU's
+    GroupQueryAttention variant, which is what is profiled otherwise (the graph ``open_engine`` runs on CPU)."""
     opened = Artifact.open(artifact)
     quantization = opened.manifest.quantization  # profiled at the accuracy level the artifact runs at
     graph = opened.manifest.graph  # the graph ONNX Runtime CPU runs: the GroupQueryAttention variant if there is one
-    gqa = graph.onnxruntime_cpu_file is not None
+    gqa = graph.onnxruntime_cpu_file is not None and not portable
     engine = OnnxRuntimeEngine(opened.path(graph.onnxruntime_cpu_file if gqa else graph.onnx_file), opened.spec, "cpu",
                                profile_prefix=str(out / "ort-profile"), group_query_attention=gqa,
                                matmul_nbits_accuracy_level=quantization and quantization.onnxruntime_accuracy_level)
@@ -35,6 +40,7 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
 
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     decode_runs = runs[1:]  # the first is the prefill
+    prefill_op_us: collections.Counter[str] = collections.Counter()
     # Per node, the median over the decode steps: on a shared 2-core machine one step of a few is often
     # preempted, and a mean would pin that pause on whichever kernel it hit.
     node_us: dict[str, list[float]] = collections.defaultdict(list)
@@ -42,7 +48,9 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
-        if any(start <= e["ts"] <= end for start, end in decode_runs):
+        if runs[0][0] <= e["ts"] <= runs[0][1]:
+            prefill_op_us[e["args"]["op_name"]] += e["dur"]
+        elif any(start <= e["ts"] <= end for start, end in decode_runs):
             node_us[e["name"]].append(e["dur"])
             node_op[e["name"]] = e["args"]["op_name"]
     per_op: collections.Counter[str] = collections.Counter()
@@ -53,5 +61,7 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
     ops = {op: us / 1e3 for op, us in per_op.most_common()}
     log.info("ORT decode step: %.2f ms in run(), %.2f ms in kernels; top ops: %s", run_ms, kernels_ms,
              ", ".join(f"{op} {ms:.2f} ms" for op, ms in list(ops.items())[:5]))
-    return {"prompt_tokens": prompt_tokens, "steps": len(decode_runs), "run_ms_per_step": run_ms,
-            "kernel_ms_per_step": kernels_ms, "op_ms_per_step": ops, "trace": trace_path.name}
+    return {"prompt_tokens": prompt_tokens, "graph": graph.onnxruntime_cpu_file if gqa else graph.onnx_file,
+            "steps": len(decode_runs), "run_ms_per_step": run_ms, "kernel_ms_per_step": kernels_ms,
+            "op_ms_per_step": ops, "prefill_run_ms": (runs[0][1] - runs[0][0]) / 1e3,
+            "prefill_op_ms": {op: us / 1e3 for op, us in prefill_op_us.most_common()}, "trace": trace_path.name}

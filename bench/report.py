@@ -222,6 +222,11 @@ def markdown(results: dict) -> str:
                 f"{v} {info['artifact_bytes'] / 1e6:.2f}" for v, info in trained["variants"].items()) + ".", ""]
             lines += quality_markdown(trained["quality"])
         lines.append("")
+    if "long_context" in results:
+        # Imported here: bench.long_context imports bench.quantized, which imports this module.
+        from .long_context import markdown as long_context_markdown
+
+        lines += long_context_markdown(results["long_context"])
     return "\n".join(lines)
 
 

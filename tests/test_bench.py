@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench import llamacpp, worker
+from bench import llamacpp, long_context, worker
 
 from .conftest import REPO
 
@@ -63,6 +63,62 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     assert kl["fp32"] < 1e-6 < kl["int4-b32"]
     trained = results["trained"]
     assert trained.get("skipped") or {"fp32", "int8-b128", "int4-b32"} <= set(trained["quality"]["reports"])
+
+    section = results["long_context"]
+    assert json.loads((out / "long-context.json").read_text()) == section
+    plan = long_context.Plan(**section["plan"])
+    assert plan == long_context.QUICK
+    assert section["runners"]["ours"]["graph"] == "model.gqa.onnx"
+    assert section["runners"]["ours-portable"]["graph"] == "model.onnx"
+    assert {"ours", "ours-portable", "transformers"} <= set(section["figures"])
+    for figures in section["figures"].values():
+        assert set(figures["step_s"]) == set(figures["ttft_s"]) == {str(n) for n in plan.prompts}
+    # Ratios are per repeat: the raw runs give the same minimum.
+    runs = section["runs"]
+
+    def step(length, repeat):
+        run, = [r for r in runs if (r["runner"], r["prompt_tokens"], r["repeat"]) == ("ours", length, repeat)]
+        return run["decode_s"] / run["decode_steps"]
+
+    growth = section["ratios"]["ours"][f"step_{plan.long}_over_{plan.short}"]
+    assert growth["min"] == min(step(plan.long, r) / step(plan.short, r) for r in range(results["repeats"]))
+    assert 0 < growth["min"] <= growth["median"]
+    assert set(section["ratios"]["ours"]["ttft_vs_transformers"]) == {str(n) for n in plan.prompts}
+    targets = section["targets"]
+    assert len(targets) == 5
+    for t in targets:
+        if t["measured"]:
+            assert t["met"] == (t["off_by"] == 0)
+            assert t["met"] or t["why"]  # a miss says why
+        else:
+            assert "llama.cpp" in t["target"] and t["why"]
+    assert set(section["profiles"]["ours"]) == {str(n) for n in plan.prompts}
+    assert set(section["profiles"]["ours-portable"]) == {str(plan.long)}
+    assert section["profiles"]["ours"][str(plan.long)]["op_ms_per_step"].get("GroupQueryAttention", 0) > 0
+    assert "GroupQueryAttention" not in section["profiles"]["ours-portable"][str(plan.long)]["op_ms_per_step"]
+    assert section["profiles"]["ours"][str(plan.long)]["prefill_op_ms"]
+    assert "| ours-portable |" in markdown and "| target (issue 14) |" in markdown
+
+
+def test_long_context_targets_say_how_far_off_a_missed_bound_is():
+    plan = long_context.QUICK
+    step_ms = {plan.short: 10.0, plan.mid: 12.0, plan.long: 25.0}  # 1.2x (met) and 2.5x (missed)
+    ttft_s = {plan.short: 0.1, plan.mid: 1.0, plan.long: 4.0}
+    runs = [{"runner": "ours", "prompt_tokens": n, "repeat": 0, "ttft_s": ttft_s[n], "decode_s": step_ms[n] * 2e-3,
+             "decode_steps": 2} for n in plan.prompts]
+    runs += [{"runner": "transformers", "prompt_tokens": n, "repeat": 0, "ttft_s": 2.0, "decode_s": 1.0,
+              "decode_steps": 2} for n in plan.prompts]
+    targets = {t["target"]: t for t in long_context.summarise(runs, plan)["targets"]}
+
+    mid = targets[f"step at {plan.mid} / step at {plan.short}, ours"]
+    assert mid["met"] and mid["off_by"] == 0 and mid["median"] == pytest.approx(12 / 10)
+    long = targets[f"step at {plan.long} / step at {plan.short}, ours"]
+    assert not long["met"] and long["off_by"] == pytest.approx((25 / 10 - 2.0) / 2.0)
+    ttft = targets[f"TTFT at {plan.long}, ours / transformers"]
+    assert not ttft["met"] and ttft["off_by"] == pytest.approx(4.0 / 2.0 - 1.0)
+    assert targets[f"TTFT at {plan.mid}, ours / transformers"]["met"]
+    peer, = [t for t in targets.values() if "llama.cpp" in t["target"]]
+    assert not peer["measured"] and "not measured" in peer["why"]
 
 
 def test_llama_cpp_without_a_source_tree_says_what_to_pass(tmp_path):
