@@ -20,6 +20,7 @@ from engines.artifact import MANIFEST, sha256_file
 from engines.base import GraphSpec
 from engines.onnxruntime import OnnxRuntimeEngine
 from export import parity, quality
+from export.gqa_graph import GQA_ONNX_FILE
 from export.onnx_graph import ONNX_FILE, export_onnx
 from export.reference_engine import ReferenceEngine
 from reference import load_model
@@ -163,7 +164,7 @@ def quantized_artifact(tiny_artifact, model, folder, quantization: WeightQuantiz
     shutil.copytree(tiny_artifact, folder)
     manifest = json.loads((folder / MANIFEST).read_text())
     export_onnx(model, GraphSpec.from_dict(manifest["graph"]["spec"]), folder, quantization)
-    for name in (ONNX_FILE, ONNX_FILE + ".data"):
+    for name in (ONNX_FILE, ONNX_FILE + ".data", GQA_ONNX_FILE):  # the files export_onnx rewrote
         manifest["files"][name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
     manifest["quantization"] = {"method": quantization.method, "bits": quantization.bits,
                                 "block_size": quantization.block_size, "scale_dtype": "float32",

@@ -67,7 +67,8 @@ def test_export_writes_its_weights_to_the_data_file_it_names(tmp_path, monkeypat
                      head_dim=config.head_dim, vocab_size=config.vocab_size, max_batch=2, max_context=32,
                      dtype="float32")
     path = onnx_graph.export_onnx(tiny_model(config).to(torch.float32), spec, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "weights.bin"]
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {"weights.bin"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gqa.onnx", "model.onnx", "weights.bin"]
+    for graph in (path, tmp_path / "model.gqa.onnx"):  # both graphs read the one data file
+        model = onnx.load(str(graph), load_external_data=False)
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"weights.bin"}

@@ -31,9 +31,9 @@ def test_streamed_reference_equals_the_loaded_reference(checkpoint, lm_head_rows
     model, config = load_checkpoint(checkpoint, torch.float32)
     loaded = ReferenceEngine(model, max_batch=3, max_context=32)
     streamed = StreamedReferenceEngine(checkpoint, config, max_batch=3, max_context=32, lm_head_rows=lm_head_rows)
-    prompts, decode_steps = parity.scenario(config.vocab_size, 3, 32)
+    prompts, decode_steps, continuation = parity.scenario(config.vocab_size, 3, 32)
     steps = 0
-    for step in teacher_forced([loaded, streamed], prompts, decode_steps):
+    for step in teacher_forced([loaded, streamed], prompts, decode_steps, continuation):
         expected, got = step.logits
         if lm_head_rows >= len(expected[0]):
             np.testing.assert_array_equal(got, expected)
@@ -43,7 +43,7 @@ def test_streamed_reference_equals_the_loaded_reference(checkpoint, lm_head_rows
             np.testing.assert_array_equal(k, rk)
             np.testing.assert_array_equal(v, rv)
         steps += 1
-    assert steps == decode_steps + 1
+    assert steps == decode_steps + 1 + (continuation > 0)
     assert parity.greedy(streamed, prompts, decode_steps) == parity.greedy(loaded, prompts, decode_steps)
 
 
