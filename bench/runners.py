@@ -69,7 +69,8 @@ class Serve:
     def __init__(self, artifact: Path):
         from serve import Generator
 
-        self.generator = Generator(artifact, backend="onnxruntime-cpu")
+        # Without the prefix cache: every repeat sends the same prompts, which would then skip their prefill.
+        self.generator = Generator(artifact, backend="onnxruntime-cpu", prefix_cache_mb=0)
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> Timing:
         results = self.generator.generate([row.tolist() for row in prompts], max_new_tokens=new_tokens,
