@@ -102,7 +102,8 @@ def _targets(ours: dict, plan: dict, short: int, long: int) -> list[dict]:
 
     vs_hf = ours.get("decode_vs_transformers", {})
     add("decode tok/s, batch 1, vs transformers", vs_hf.get("1"), 3.0, True)
-    add("decode tok/s, batch 1, vs bandwidth limit", ours.get("decode_vs_limit", {}).get("1"), 0.8, True)
+    # Issue 7 asked for 0.8 of the bandwidth limit at batch 1; issue 14 raised it to 0.85.
+    add("decode tok/s, batch 1, vs bandwidth limit", ours.get("decode_vs_limit", {}).get("1"), 0.85, True)
     add(f"step at {long} / step at {short}", ours.get("step_long_over_short"), 1.3, False)
     for p in plan["ttft_prompts"]:
         if p >= 512:
