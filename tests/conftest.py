@@ -64,10 +64,15 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
+def export_tiny(out: Path, *options: str, **run) -> Path:
+    """`python -m export --model tiny --engine onnx` into ``out`` with more ``options``; fails the test if it fails."""
+    subprocess.run([sys.executable, "-m", "export", "--model", "tiny", "--out", str(out), "--engine", "onnx",
+                    *options], check=True, cwd=REPO, **run)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:
     """`python -m export --model tiny` as a newcomer runs it (fp32, ONNX), once per test run."""
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-float32"
-    subprocess.run([sys.executable, "-m", "export", "--model", "tiny", "--out", str(out), "--engine", "onnx",
-                    "--max-batch", "4", "--max-context", "256"], check=True, cwd=REPO)
-    return out
+    return export_tiny(tmp_path_factory.mktemp("artifacts") / "tiny-float32", "--max-batch", "4", "--max-context",
+                       "256")

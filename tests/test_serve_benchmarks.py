@@ -4,15 +4,13 @@ print says what was run and what the cache served. Timings are only checked to b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from serve import Generator, loadtest, prefix_bench
 from serve.server import create_app
-from tests.conftest import REPO
+from tests.conftest import export_tiny
 from tests.test_http import Server
 
 BLOCK = 64  # serve.prefix_cache.BLOCK_TOKENS, restated: the expected reuse below is computed from it
@@ -21,10 +19,8 @@ BLOCK = 64  # serve.prefix_cache.BLOCK_TOKENS, restated: the expected reuse belo
 @pytest.fixture(scope="module")
 def artifact_1024(tmp_path_factory) -> Path:
     """The tiny model with room for a 5-tool prompt (about 800 tokens with its tokenizer)."""
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-1024"
-    subprocess.run([sys.executable, "-m", "export", "--model", "tiny", "--out", str(out), "--engine", "onnx",
-                    "--max-batch", "1", "--max-context", "1024"], check=True, cwd=REPO)
-    return out
+    return export_tiny(tmp_path_factory.mktemp("artifacts") / "tiny-1024", "--max-batch", "1", "--max-context",
+                       "1024")
 
 
 def _reusable(prompt: list[int], earlier: list[list[int]]) -> int:

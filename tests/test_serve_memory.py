@@ -16,7 +16,7 @@ from bench.serve_memory import CONFIGS, override_session_options, resident_bytes
 from engines import Artifact, open_engine
 from engines.onnxruntime import OnnxRuntimeEngine
 
-from .conftest import REPO
+from .conftest import REPO, export_tiny
 
 LONG_CONTEXT = 4096
 
@@ -25,11 +25,8 @@ LONG_CONTEXT = 4096
 def long_tiny_artifact(tmp_path_factory):
     """The tiny model with a context long enough that one prefill's attention scores are large: 4096 x 4096 x 4
     heads x 4 bytes = 268 MB per layer."""
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-long"
-    subprocess.run([sys.executable, "-m", "export", "--model", "tiny", "--out", str(out), "--engine", "onnx",
-                    "--max-batch", "1", "--max-context", str(LONG_CONTEXT), "--skip-verify"], check=True, cwd=REPO,
-                   capture_output=True)
-    return out
+    return export_tiny(tmp_path_factory.mktemp("artifacts") / "tiny-long", "--max-batch", "1", "--max-context",
+                       str(LONG_CONTEXT), "--skip-verify", capture_output=True)
 
 
 def test_a_long_prefill_leaves_no_activations_behind(long_tiny_artifact):
