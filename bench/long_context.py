@@ -79,16 +79,14 @@ OURS, PORTABLE, TRANSFORMERS, LLAMA_CPP = "ours", "ours-portable", "transformers
 
 
 class Portable:
-    """The portable graph on ONNX Runtime CPU: attention as plain ONNX ops over the whole static cache."""
+    """The portable graph on ONNX Runtime CPU: TensorScatter, a Slice of the filled prefix and Attention per layer."""
 
     name = PORTABLE
 
     def __init__(self, artifact: Path):
         from engines.onnxruntime import OnnxRuntimeEngine
 
-        opened = Artifact.open(artifact)
-        self.graph = opened.manifest.graph.onnx_file
-        self.engine = OnnxRuntimeEngine(opened.path(self.graph), opened.spec, "cpu")
+        self.engine = OnnxRuntimeEngine.from_artifact(Artifact.open(artifact), "cpu", portable=True)
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> runners.Timing:
         return runners._timed_greedy(self.engine, prompts, new_tokens)
@@ -118,13 +116,11 @@ def make_runners(plan: Plan, folder: Path, artifact: Path, out: Path, with_trans
                  llama_cpp_source: Path | None) -> tuple[list, dict]:
     """The runtimes, and what each runs (graph file, attention implementation) or why llama.cpp is skipped."""
     ours = runners.Ours(artifact)
-    graph = Artifact.open(artifact).manifest.graph
-    if graph.onnxruntime_cpu_file is None:  # an export that did not write the variant: say so, do not hide it
+    if not ours.engine.group_query_attention:  # an export that did not write the variant: say so, do not hide it
         log.warning("%s has no GroupQueryAttention variant: ours runs the portable graph", artifact)
     portable = Portable(artifact)
     made = [ours, portable]
-    about = {OURS: {"graph": graph.onnxruntime_cpu_file or graph.onnx_file},
-             PORTABLE: {"graph": portable.graph}}
+    about = {OURS: {"graph": ours.engine.onnx_path.name}, PORTABLE: {"graph": portable.engine.onnx_path.name}}
     if with_transformers:
         hf = runners.Transformers(folder)
         made.append(hf)

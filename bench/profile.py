@@ -25,13 +25,9 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
 
     ``portable``: profile the portable graph (``model.onnx``) even where the artifact has ONNX Runtime CPU's
     GroupQueryAttention variant, which is what is profiled otherwise (the graph ``open_engine`` runs on CPU)."""
-    opened = Artifact.open(artifact)
-    quantization = opened.manifest.quantization  # profiled at the accuracy level the artifact runs at
-    graph = opened.manifest.graph  # the graph ONNX Runtime CPU runs: the GroupQueryAttention variant if there is one
-    gqa = graph.onnxruntime_cpu_file is not None and not portable
-    engine = OnnxRuntimeEngine(opened.path(graph.onnxruntime_cpu_file if gqa else graph.onnx_file), opened.spec, "cpu",
-                               profile_prefix=str(out / "ort-profile"), group_query_attention=gqa,
-                               matmul_nbits_accuracy_level=quantization and quantization.onnxruntime_accuracy_level)
+    # The graph and accuracy level ONNX Runtime CPU runs the artifact with, as open_engine does.
+    engine = OnnxRuntimeEngine.from_artifact(Artifact.open(artifact), "cpu", portable=portable,
+                                             profile_prefix=str(out / "ort-profile"))
 
     prompt = np.random.default_rng(1).integers(0, engine.spec.vocab_size, prompt_tokens).tolist()
     greedy(engine, [prompt], 1 + steps)  # the prefill's token, then one per decode step
@@ -61,7 +57,7 @@ def decode_step_profile(artifact: Path, out: Path, prompt_tokens: int = 64, step
     ops = {op: us / 1e3 for op, us in per_op.most_common()}
     log.info("ORT decode step: %.2f ms in run(), %.2f ms in kernels; top ops: %s", run_ms, kernels_ms,
              ", ".join(f"{op} {ms:.2f} ms" for op, ms in list(ops.items())[:5]))
-    return {"prompt_tokens": prompt_tokens, "graph": graph.onnxruntime_cpu_file if gqa else graph.onnx_file,
+    return {"prompt_tokens": prompt_tokens, "graph": engine.onnx_path.name,
             "steps": len(decode_runs), "run_ms_per_step": run_ms, "kernel_ms_per_step": kernels_ms,
             "op_ms_per_step": ops, "prefill_run_ms": (runs[0][1] - runs[0][0]) / 1e3,
             "prefill_op_ms": {op: us / 1e3 for op, us in prefill_op_us.most_common()}, "trace": trace_path.name}

@@ -29,16 +29,10 @@ def open_engine(artifact: Artifact, backend: str = "auto") -> Engine:
         if backend == "tensorrt":
             raise EngineError(f"backend 'tensorrt': {why}")
         log.info("not using TensorRT: %s", why)
-    from .onnxruntime import OnnxRuntimeEngine, cuda_available
+    from .onnxruntime import OnnxRuntimeEngine
 
     device = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda"}.get(backend, "auto")
-    if device == "auto":
-        device = "cuda" if cuda_available() else "cpu"
-    graph, quantization = artifact.manifest.graph, artifact.manifest.quantization
-    gqa = device == "cpu" and graph.onnxruntime_cpu_file is not None
-    return OnnxRuntimeEngine(artifact.path(graph.onnxruntime_cpu_file if gqa else graph.onnx_file), artifact.spec,
-                             device=device, group_query_attention=gqa,
-                             matmul_nbits_accuracy_level=quantization and quantization.onnxruntime_accuracy_level)
+    return OnnxRuntimeEngine.from_artifact(artifact, device)
 
 
 def tensorrt_unusable_reason(artifact: Artifact) -> str | None:

@@ -102,6 +102,19 @@ class OnnxRuntimeEngine(Engine):
         self._session_options, self._providers = options, providers
         self._slot_sessions: dict[str, ort.InferenceSession] = {}  # "save", "load": built on first use
 
+    @classmethod
+    def from_artifact(cls, artifact, device: str = "auto", portable: bool = False, **options) -> "OnnxRuntimeEngine":
+        """The engine for an opened ``engines.Artifact``, as its manifest says to run it: on CPU its
+        GroupQueryAttention variant where it has one (unless ``portable``), elsewhere the portable graph; a quantized
+        artifact at the accuracy level it was verified at. ``options``: more arguments of the constructor."""
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        graph, quantization = artifact.manifest.graph, artifact.manifest.quantization
+        gqa = device == "cpu" and graph.onnxruntime_cpu_file is not None and not portable
+        return cls(artifact.path(graph.onnxruntime_cpu_file if gqa else graph.onnx_file), artifact.spec,
+                   device=device, group_query_attention=gqa,
+                   matmul_nbits_accuracy_level=quantization and quantization.onnxruntime_accuracy_level, **options)
+
     def _check_session_io(self, onnx_path: Path) -> None:
         """The graph's inputs and outputs must be the spec's: names, dtypes and static dims. A graph that disagrees
         with its manifest is refused here, on open, instead of failing every request."""
